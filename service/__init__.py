@@ -1,0 +1,1 @@
+"""The serving side (gateway, queue, workers); built on ``steering`` only."""

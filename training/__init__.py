@@ -1,0 +1,1 @@
+"""Training chain: the toy world now; collection, SAE training, importance and export later."""

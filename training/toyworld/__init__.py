@@ -1,0 +1,1 @@
+"""The toy world: a small SD-architecture pipeline trained on synthetic labelled shapes."""
