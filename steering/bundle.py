@@ -1,0 +1,342 @@
+"""Steering bundle: one checksummed folder with the SAE, importance tables and a manifest.
+
+    manifest.json            format version, pipeline fingerprint, hook point, sizes, scheduler
+                             and steps, concepts, sha256 of every other file, the command
+    cfg.json, sae.safetensors   the SAE in sparsify's layout
+    importance.safetensors   scores / means [C, steps, n] and timesteps [steps]
+
+``manifest.json`` is written last, so a folder without one is an unfinished export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steering.concepts import ConceptSpec
+from steering.fingerprint import HOOK_POINT
+from steering.importance_tables import ImportanceTables, UnknownConceptError
+from steering.sae import CFG_FILE, WEIGHTS_FILE, TopKSAE
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+IMPORTANCE_FILE = "importance.safetensors"
+REQUIRED_FILES = (CFG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE)
+
+_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A steering bundle that cannot be used; the message names the file and what differs."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Sha256 hex of a file, read in 1 MiB chunks so large files never sit in RAM."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scheduler_description(scheduler: Any) -> dict[str, Any]:
+    """Return {"class_name", "config"} for a diffusers scheduler, or a dict unchanged."""
+    if isinstance(scheduler, dict):
+        desc = dict(scheduler)
+    else:
+        config = getattr(scheduler, "config", {}) or {}
+        desc = {
+            "class_name": type(scheduler).__name__,
+            "config": {k: v for k, v in dict(config).items() if not str(k).startswith("_")},
+        }
+    # Round-trip through JSON so the manifest holds only JSON-native values.
+    return json.loads(json.dumps(desc, sort_keys=True, default=str))
+
+
+@dataclass
+class BundleManifest:
+    """Contents of manifest.json: what the bundle is for and the checksum of every file."""
+
+    format_version: int
+    pipeline_fingerprint: str
+    hook_point: str
+    d_in: int
+    n_latents: int
+    k: int
+    scheduler: dict[str, Any]
+    steps: int
+    concepts: list[ConceptSpec]
+    files: dict[str, str]
+    command: str
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict in a fixed key order."""
+        return {
+            "format_version": self.format_version,
+            "pipeline_fingerprint": self.pipeline_fingerprint,
+            "hook_point": self.hook_point,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "scheduler": self.scheduler,
+            "steps": self.steps,
+            "concepts": [c.to_dict() for c in self.concepts],
+            "files": dict(sorted(self.files.items())),
+            "command": self.command,
+            "created": self.created,
+        }
+
+    def to_json(self) -> str:
+        """Serialise as indented JSON (the exact bytes written to manifest.json)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BundleManifest:
+        """Parse a manifest dict, raising BundleError for a missing field or bad concept."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{MANIFEST_FILE}: expected a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BundleError(f"{MANIFEST_FILE}: format_version must be a positive integer")
+        if version > BUNDLE_FORMAT_VERSION:
+            raise BundleError(
+                f"{MANIFEST_FILE}: bundle format_version {version} is newer than this "
+                f"sae-steering supports ({BUNDLE_FORMAT_VERSION}); upgrade sae-steering"
+            )
+        required = (
+            "pipeline_fingerprint", "hook_point", "d_in", "n_latents", "k", "scheduler",
+            "steps", "concepts", "files", "command", "created",
+        )  # fmt: skip
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise BundleError(f"{MANIFEST_FILE}: missing field(s) {missing}")
+        try:
+            concepts = [ConceptSpec.from_dict(c) for c in d["concepts"]]
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{MANIFEST_FILE}: bad concept entry: {e}") from e
+        files = d["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise BundleError(f"{MANIFEST_FILE}: files must map file names to sha256 strings")
+        try:
+            return cls(
+                format_version=version,
+                pipeline_fingerprint=str(d["pipeline_fingerprint"]),
+                hook_point=str(d["hook_point"]),
+                d_in=int(d["d_in"]),
+                n_latents=int(d["n_latents"]),
+                k=int(d["k"]),
+                scheduler=dict(d["scheduler"]),
+                steps=int(d["steps"]),
+                concepts=concepts,
+                files=dict(files),
+                command=str(d["command"]),
+                created=str(d["created"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{MANIFEST_FILE}: bad field value: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> BundleManifest:
+        """Parse manifest.json text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{MANIFEST_FILE}: not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+
+@dataclass
+class SteeringBundle:
+    """A loaded (or about-to-be-saved) steering bundle: manifest, SAE and importance tables."""
+
+    manifest: BundleManifest
+    sae: TopKSAE
+    tables: ImportanceTables
+    _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
+
+    # -- building ----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        sae: TopKSAE,
+        tables: ImportanceTables,
+        concepts: Sequence[ConceptSpec],
+        pipeline_fingerprint: str,
+        scheduler: dict[str, Any] | Any,
+        command: str,
+        hook_point: str = HOOK_POINT,
+    ) -> SteeringBundle:
+        """Assemble a bundle and its manifest (steps = table rows; checksums filled by save)."""
+        concepts = list(concepts)
+        names = [c.name for c in concepts]
+        if names != list(tables.concepts):
+            raise BundleError(
+                f"concept specs {names} do not match the importance tables' concepts "
+                f"{list(tables.concepts)} (same names, same order)"
+            )
+        if tables.num_latents != sae.num_latents:
+            raise BundleError(
+                f"importance tables have n={tables.num_latents} features but the SAE has "
+                f"n_latents={sae.num_latents}"
+            )
+        manifest = BundleManifest(
+            format_version=BUNDLE_FORMAT_VERSION,
+            pipeline_fingerprint=pipeline_fingerprint,
+            hook_point=hook_point,
+            d_in=sae.d_in,
+            n_latents=sae.num_latents,
+            k=sae.k,
+            scheduler=scheduler_description(scheduler),
+            steps=tables.num_steps,
+            concepts=concepts,
+            files={},
+            command=command,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        return cls(manifest=manifest, sae=sae, tables=tables)
+
+    def save(self, directory: str | Path) -> None:
+        """Write SAE and tables, checksum them, then write manifest.json last (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = directory / MANIFEST_FILE
+        # An old manifest must not vouch for files that are about to be replaced.
+        manifest_path.unlink(missing_ok=True)
+        self.sae.save_pretrained(directory)
+        self.tables.save(directory / IMPORTANCE_FILE)
+        self.manifest.files = {name: sha256_file(directory / name) for name in REQUIRED_FILES}
+        text = self.manifest.to_json()
+        tmp = directory / (MANIFEST_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, manifest_path)
+        self._manifest_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        expected_fingerprint: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> SteeringBundle:
+        """Load and verify version, checksums, shapes, concept names and pipeline fingerprint."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise BundleError(
+                f"{MANIFEST_FILE} not found in {directory}: not a steering bundle, or its "
+                "export did not finish"
+            )
+        raw = manifest_path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BundleError(f"{MANIFEST_FILE}: not UTF-8 text ({e})") from e
+        manifest = BundleManifest.from_json(text)
+
+        # 1. checksums of every listed file (and the required ones must be listed)
+        unlisted = [name for name in REQUIRED_FILES if name not in manifest.files]
+        if unlisted:
+            raise BundleError(f"{MANIFEST_FILE}: files does not list {unlisted}")
+        for name, expected in manifest.files.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise BundleError(f"{MANIFEST_FILE}: file entry {name!r} is not a plain file name")
+            path = directory / name
+            if not path.is_file():
+                raise BundleError(f"{name}: listed in {MANIFEST_FILE} but missing from {directory}")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise BundleError(
+                    f"{name}: sha256 is {actual}, {MANIFEST_FILE} says {expected} — the file "
+                    "was changed or corrupted; re-export the bundle"
+                )
+
+        # 2. SAE shapes vs manifest
+        try:
+            sae = TopKSAE.from_pretrained(directory, device=device)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{WEIGHTS_FILE}: cannot load the SAE: {e}") from e
+        m = manifest
+        if (sae.num_latents, sae.d_in) != (m.n_latents, m.d_in):
+            raise BundleError(
+                f"{WEIGHTS_FILE}: W_dec has shape {[sae.num_latents, sae.d_in]} but "
+                f"{MANIFEST_FILE} says [n_latents, d_in] = {[m.n_latents, m.d_in]}"
+            )
+        if sae.k != m.k:
+            raise BundleError(f"{CFG_FILE}: k is {sae.k} but {MANIFEST_FILE} says k = {m.k}")
+
+        # 3. tables shapes and concept names vs manifest
+        try:
+            tables = ImportanceTables.load(directory / IMPORTANCE_FILE, device=device)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{IMPORTANCE_FILE}: cannot load the tables: {e}") from e
+        want = [len(m.concepts), m.steps, m.n_latents]
+        got = list(tables.scores.shape)
+        if got != want:
+            raise BundleError(
+                f"{IMPORTANCE_FILE}: scores has shape {got} but {MANIFEST_FILE} says "
+                f"[concepts, steps, n_latents] = {want}"
+            )
+        names = [c.name for c in m.concepts]
+        if list(tables.concepts) != names:
+            raise BundleError(
+                f"{IMPORTANCE_FILE}: concepts are {list(tables.concepts)} but {MANIFEST_FILE} "
+                f"lists {names} (same names in the same order are required)"
+            )
+
+        # 4. pipeline fingerprint
+        if expected_fingerprint is not None and expected_fingerprint != m.pipeline_fingerprint:
+            raise BundleError(
+                f"{MANIFEST_FILE}: the bundle was made for pipeline fingerprint "
+                f"{m.pipeline_fingerprint} but the loaded pipeline is {expected_fingerprint} "
+                "(a different model, e.g. SD-1.4 vs SD-1.5); rebuild the bundle for this pipeline"
+            )
+        return cls(
+            manifest=manifest,
+            sae=sae,
+            tables=tables,
+            _manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        )
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def sha256(self) -> str:
+        """Sha256 of manifest.json's bytes: the bundle's id in provenance records."""
+        if self._manifest_sha256 is None:
+            return hashlib.sha256(self.manifest.to_json().encode("utf-8")).hexdigest()
+        return self._manifest_sha256
+
+    @property
+    def concept_names(self) -> list[str]:
+        """Concept names in manifest order."""
+        return [c.name for c in self.manifest.concepts]
+
+    def concept(self, name: str) -> ConceptSpec:
+        """The spec of concept ``name``; unknown names raise KeyError listing the known ones."""
+        for c in self.manifest.concepts:
+            if c.name == name:
+                return c
+        raise UnknownConceptError(
+            f"unknown concept {name!r}; known concepts: {', '.join(self.concept_names)}"
+        )
+
+    def concepts_of_kind(self, kind: str) -> list[str]:
+        """Names of the bundle's concepts of the given kind, in manifest order."""
+        return [c.name for c in self.manifest.concepts if c.kind == kind]
