@@ -1,0 +1,104 @@
+"""`steer toyworld build`: tokenizer, VAE, classifier, UNet + text encoder, evaluation, BUILD.md.
+
+Every stage checkpoints into ``work_dir``; rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from training.toyworld.classifier import AttributeClassifier, held_out_accuracy, train_classifier
+from training.toyworld.evaluate import EVAL_GUIDANCE, EVAL_STEPS, evaluate_pipeline
+from training.toyworld.models import sampling_scheduler
+from training.toyworld.report import write_build_report
+from training.toyworld.tokenizer import build_clip_tokenizer
+from training.toyworld.train_pipeline import train_unet
+from training.toyworld.train_vae import train_vae
+
+PIPELINE_DIR = "toy-pipeline"
+CLASSIFIER_DIR = "toy-classifier"
+EVAL_FILE = "toyworld-eval.json"
+
+
+class _Timer:
+    """Wall time per stage, accumulated across resumed runs in work_dir/times.json."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.times: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        self.path.write_text(json.dumps(self.times, indent=2))
+        return result
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
+    """Save the pipeline in fp16 in the standard diffusers folder layout."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    pipe.to(torch.float16).save_pretrained(directory, safe_serialization=True)
+    pipe.to(torch.float32)
+    # The fast tokenizer's tokenizer.json is rebuilt from vocab.json + merges.txt on load.
+    (directory / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+
+
+def load_pipeline(directory: Path) -> StableDiffusionPipeline:
+    """The shipped toy pipeline, upcast to fp32 for CPU."""
+    return StableDiffusionPipeline.from_pretrained(
+        directory, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+
+
+def build(
+    out_dir: Path,
+    work_dir: Path,
+    seed: int = 0,
+    vae_steps: int = 800,
+    classifier_steps: int = 800,
+    unet_steps: int = 3000,
+    eval_full: int = 200,
+    eval_per_prompt: int = 16,
+) -> dict:
+    """Build (or resume building) the toy pipeline and classifier into ``out_dir``."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer(work_dir / "times.json")
+    tokenizer = build_clip_tokenizer(work_dir / "tokenizer")
+    vae = timer.run("vae", lambda: train_vae(work_dir, seed, vae_steps))
+    classifier = timer.run(
+        "classifier", lambda: train_classifier(work_dir, seed, vae, classifier_steps))
+    accuracy = held_out_accuracy(classifier, seed, vae)
+    classifier.save_pretrained(out_dir / CLASSIFIER_DIR)
+    unet, text_encoder = timer.run(
+        "unet", lambda: train_unet(work_dir, seed, vae, tokenizer, unet_steps))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    save_pipeline(pipe, out_dir / PIPELINE_DIR)
+    shipped = load_pipeline(out_dir / PIPELINE_DIR)
+    shipped_classifier = AttributeClassifier.from_pretrained(out_dir / CLASSIFIER_DIR)
+    quality = timer.run("evaluate", lambda: evaluate_pipeline(
+        shipped, shipped_classifier, n_full=eval_full, per_prompt=eval_per_prompt))
+    results = {
+        "seed": seed,
+        "steps": {"vae": vae_steps, "classifier": classifier_steps, "unet": unet_steps},
+        "sampling": {"scheduler": "DDIM", "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE},
+        "classifier_accuracy": accuracy,
+        "generation": quality,
+        "seconds": timer.times,
+    }
+    (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
+    write_build_report(out_dir, results)
+    return results
