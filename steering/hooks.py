@@ -1,0 +1,148 @@
+"""Hooks on the UNet (built on diffusers' HookRegistry): step tracking, capture and steering.
+
+The hooked block is ``unet.up_blocks[1].attentions[1]`` (DESIGN §3). Its output is a tuple whose
+tensor is [N, C, H, W], N = 2B with classifier-free guidance (``cat([uncond, cond])``).
+Hooks live only inside :func:`attached`, which removes them on exit, exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import Tensor
+
+from steering.importance_tables import ImportanceTables
+from steering.plan import DetectionPlan, SteeringPlan
+from steering.sae import TopKSAE
+
+HOOK_PREFIX = "sae_steering."
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The activation tensor of a Transformer2DModel output (tuple or output object)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def replace_output(output: Any, x: Tensor) -> Any:
+    """The same output with its activation tensor replaced by ``x``."""
+    if isinstance(output, tuple):
+        return (x, *output[1:])
+    output.sample = x
+    return output
+
+
+def to_tokens(x: Tensor) -> Tensor:
+    """[N, C, H, W] -> [N·H·W, C], the SAE's token layout."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def from_tokens(tokens: Tensor, like: Tensor) -> Tensor:
+    """Inverse of :func:`to_tokens` for a tensor shaped like ``like``."""
+    n, c, h, w = like.shape
+    return tokens.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def cond_half(x: Tensor, cfg: bool) -> Tensor:
+    """The conditional half of the batch (the whole batch without guidance)."""
+    return x.chunk(2)[1] if cfg else x
+
+
+class StepTracker(ModelHook):
+    """On the UNet: counts denoising steps in a call and records the current timestep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = -1
+        self.timestep: int | None = None
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        self.timestep = int(t.flatten()[0]) if isinstance(t, Tensor) else int(t)
+        self.step += 1
+        return args, kwargs
+
+
+class CaptureHook(ModelHook):
+    """Hands the cond half of every hooked call, [B, H·W, C], to ``sink(step, timestep, x)``."""
+
+    def __init__(self, tracker: StepTracker, sink: Callable[[int, int, Tensor], None],
+                 cfg: bool) -> None:
+        super().__init__()
+        self.tracker, self.sink, self.cfg = tracker, sink, cfg
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        x = cond_half(output_tensor(output), self.cfg)
+        self.sink(self.tracker.step, self.tracker.timestep, x.flatten(2).transpose(1, 2))
+        return output
+
+
+class SteeringHook(ModelHook):
+    """Encodes the block's tokens with the SAE; detects on the cond half, then edits.
+
+    Detection reads the codes before any edit. The edit is error-preserving and applied to
+    both CFG halves (SAeUron) unless ``cond_only``. With no active edit the output is
+    returned untouched, so results stay bit-identical to the plain pipeline.
+    """
+
+    def __init__(self, sae: TopKSAE, tables: ImportanceTables, tracker: StepTracker, cfg: bool,
+                 plan: SteeringPlan | None, detection: DetectionPlan | None,
+                 cond_only: bool = False) -> None:
+        super().__init__()
+        self.sae, self.tables, self.tracker, self.cfg = sae, tables, tracker, cfg
+        self.plan, self.detection, self.cond_only = plan, detection, cond_only
+        self.detection_sum: Tensor | None = None
+        self.detection_steps = 0
+
+    @torch.no_grad()
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        x = output_tensor(output)
+        row = self.tables.row_for_timestep(self.tracker.timestep)
+        values, indices = self.sae.encode(to_tokens(x))
+        n, _, h, w = x.shape
+        if self.detection is not None:
+            cv = cond_half(values.view(n, h * w, -1), self.cfg)
+            ci = cond_half(indices.view(n, h * w, -1), self.cfg)
+            score = self.detection.score(cv, ci, row)
+            self.detection_sum = score if self.detection_sum is None else self.detection_sum + score
+            self.detection_steps += 1
+        if not self.plan:
+            return output
+        delta = self.plan.row(row).delta(values, indices)
+        if self.cond_only and self.cfg:
+            delta = delta.view(n, h * w, -1)
+            delta[: n // 2] = 0
+        return replace_output(output, x + from_tokens(delta, x).to(x.dtype))
+
+    def detection_scores(self) -> Tensor | None:
+        """Mean over steps of the per-image detection scores [B, C] (None before any step)."""
+        if self.detection_sum is None:
+            return None
+        return self.detection_sum / self.detection_steps
+
+
+@contextmanager
+def attached(hooks: Sequence[tuple[torch.nn.Module, str, ModelHook]]) -> Iterator[None]:
+    """Register (module, name, hook) triples for the duration of the block; always removed."""
+    done: list[tuple[torch.nn.Module, str]] = []
+    try:
+        for module, name, hook in hooks:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                hook, HOOK_PREFIX + name)
+            done.append((module, name))
+        yield
+    finally:
+        for module, name in reversed(done):
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(
+                HOOK_PREFIX + name, recurse=False)
+
+
+def active_hook_names(module: torch.nn.Module) -> list[str]:
+    """Names of this project's hooks currently registered on ``module`` (for tests, checks)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    return [n for n in registry.hooks if n.startswith(HOOK_PREFIX)]

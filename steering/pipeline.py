@@ -1,0 +1,170 @@
+"""SteeredPipeline: a diffusers Stable-Diffusion pipeline plus a steering bundle.
+
+It loads SD-1.x from a local folder (the real layout; the toy pipeline uses it too), forces
+DDIM, and generates with concept edits applied by :class:`steering.hooks.SteeringHook`.
+Image i of a request uses seed + i with its own generator, so each image is reproducible
+alone; with no active edit the images are bit-identical to the plain pipeline's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from steering.bundle import SteeringBundle
+from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
+from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
+from steering.hooks import SteeringHook, StepTracker, attached
+from steering.plan import DetectionPlan, SteeringPlan
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+class GenerationCanceled(Exception):
+    """Raised out of :meth:`SteeredPipeline.generate` when the cancel check said stop."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"generation canceled after step {step} of {total}")
+        self.step, self.total = step, total
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that determines a generation (the steering edits included)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    edits: Sequence[ConceptEdit] = ()
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    n_images: int = 1
+
+    @property
+    def seeds(self) -> list[int]:
+        """Seed of each image: seed + i."""
+        return [self.seed + i for i in range(self.n_images)]
+
+
+@dataclass
+class GenerationResult:
+    """Images with what produced them: seeds, the edits actually applied, detection, timings."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    edits: list[ResolvedEdit]
+    detection: list[dict[str, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SteeredPipeline:
+    """Generation with SAE concept steering on ``unet.up_blocks[1].attentions[1]``."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, bundle: SteeringBundle | None = None,
+                 hook_point: str = HOOK_POINT) -> None:
+        if not isinstance(pipe, StableDiffusionPipeline):
+            raise TypeError(f"only SD-1.x StableDiffusionPipeline is supported, got "
+                            f"{type(pipe).__name__}")
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.block = pipe.unet.get_submodule(hook_point)
+        self.bundle = bundle
+        self.fingerprint = pipeline_fingerprint(pipe.unet, hook_point)
+        if bundle is not None:
+            sae = bundle.sae.to(pipe.device)
+            self._kinds: dict[str, list[str]] = {}
+            for spec in bundle.manifest.concepts:
+                self._kinds.setdefault(spec.kind, []).append(spec.name)
+            self._detection = DetectionPlan(
+                bundle.tables, [c.default_percentile for c in bundle.manifest.concepts],
+                pipe.device)
+            self.sae = sae.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, pipeline_dir: str | Path, bundle_dir: str | Path | None = None,
+                        device: str = "cpu", dtype: torch.dtype = torch.float32
+                        ) -> SteeredPipeline:
+        """Load a local SD-1.x folder (never the hub) and, optionally, a verified bundle."""
+        path = Path(pipeline_dir)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no "
+                                    "model_index.json); pass the folder of an SD-1.x pipeline")
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, local_files_only=True, safety_checker=None,
+            requires_safety_checker=False).to(device)
+        bundle = None
+        if bundle_dir is not None:
+            bundle = SteeringBundle.load(
+                bundle_dir, expected_fingerprint=pipeline_fingerprint(pipe.unet), device=device)
+        return cls(pipe, bundle)
+
+    @property
+    def concepts(self) -> dict:
+        """The bundle's concepts by name (empty without a bundle)."""
+        if self.bundle is None:
+            return {}
+        return {c.name: c for c in self.bundle.manifest.concepts}
+
+    def default_size(self) -> int:
+        """Image side the UNet was trained for (512 for SD-1.x, 32 for the toy)."""
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None) -> GenerationResult:
+        """Run one request; ``progress(step, total)`` after each step, ``should_cancel()``
+        checked between steps (raises :class:`GenerationCanceled`)."""
+        started = time.perf_counter()
+        edits = resolve_edits(list(request.edits), self.concepts)
+        total = request.steps
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            if progress is not None:
+                progress(step + 1, total)
+            if should_cancel is not None and should_cancel():
+                raise GenerationCanceled(step + 1, total)
+            return callback_kwargs
+
+        cfg = request.guidance > 1.0
+        tracker = StepTracker()
+        hooks = []
+        steer = None
+        if self.bundle is not None:
+            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds)
+            steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
+                                 self._detection)
+            hooks = [(self.pipe.unet, "step_tracker", tracker),
+                     (self.block, "steering", steer)]
+        size = self.default_size()
+        device = self.pipe.device
+        generators = [torch.Generator(device).manual_seed(s) for s in request.seeds]
+        with attached(hooks):
+            out = self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                height=request.height or size,
+                width=request.width or size,
+                num_images_per_prompt=request.n_images,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+            )
+        detection: list[dict[str, float]] = []
+        scores = steer.detection_scores() if steer is not None else None
+        if scores is not None:
+            names = list(self.concepts)
+            detection = [dict(zip(names, row.tolist(), strict=True)) for row in scores.cpu()]
+        return GenerationResult(
+            images=out.images, seeds=request.seeds, edits=edits, detection=detection,
+            timings={"generate_s": time.perf_counter() - started})
