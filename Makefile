@@ -1,0 +1,42 @@
+# One command to use it, one to test it (README). Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint demo bench toyworld clean
+
+install: $(STAMP)
+
+# torch is installed first with its exact pin (a CPU build lies on disk here; an unpinned
+# torch would pull a multi-GB CUDA build). open-clip-torch comes without its dependencies:
+# only its BPE vocabulary file is used.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[service,dev]'
+	$(BIN)/pip install -q --no-deps open-clip-torch
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+# Until the service lands: generate with the shipped toy pipeline (see README).
+demo: install
+	$(BIN)/steer generate --prompt "a red circle on a striped background" --n-images 8 --out out/demo
+
+bench: install
+	$(BIN)/python bench/steering_overhead.py
+
+# Rebuild assets/ from scratch (about 45 min on 2 CPU cores; rerun to resume).
+toyworld: install
+	$(BIN)/steer toyworld build --out assets --work-dir toyworld-build
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache out
