@@ -42,6 +42,7 @@ def generate(
     size: int | None = typer.Option(None, help="Image side in pixels (multiple of 8)."),
     n_images: int = typer.Option(4, "--n-images", min=1, max=64),
     device: str = typer.Option("cpu", help="cpu or cuda:N."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (GPU)."),
     out: Path = typer.Option(Path("out"), help="Output folder."),
 ) -> None:
     """Generate PNGs and grid.png; with concept edits also the unsteered originals and a
@@ -63,7 +64,12 @@ def generate(
         edits = [ConceptEdit.parse(c) for c in concept]
     except EditError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device)
+    import torch
+
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device,
+                                              dtype=getattr(torch, dtype))
     request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, edits=edits,
                                 seed=seed, steps=steps, guidance=guidance, width=size,
                                 height=size, n_images=n_images)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.hooks import ModelHook
 
 from steering.bundle import BundleError
 from steering.edits import ConceptEdit, EditError
@@ -112,3 +113,34 @@ def test_bundle_for_another_pipeline_is_refused(tiny_pipeline_dir, tiny_bundle_d
 def test_missing_folder_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
         SteeredPipeline.from_pretrained(tmp_path)
+
+
+def test_capture_hook_hands_over_the_cond_half_every_step(steered):
+    from steering.hooks import CaptureHook, StepTracker, attached, output_tensor
+
+    captured, full = [], []
+
+    class Record(ModelHook):
+        def post_forward(self, module, output):
+            full.append(output_tensor(output).clone())
+            return output
+
+    tracker = StepTracker()
+    capture = CaptureHook(tracker, lambda s, t, x: captured.append((s, t, x.clone())), cfg=True)
+    pipe = steered.pipe
+    with attached([(pipe.unet, "tracker", tracker), (steered.block, "capture", capture),
+                   (steered.block, "record", Record())]):
+        pipe(prompt="a red circle", num_inference_steps=TINY_STEPS, guidance_scale=4.0,
+             num_images_per_prompt=2, generator=[torch.Generator().manual_seed(i)
+                                                 for i in range(2)])
+    pipe.scheduler.set_timesteps(TINY_STEPS)
+    assert [s for s, _, _ in captured] == list(range(TINY_STEPS))
+    assert [t for _, t, _ in captured] == pipe.scheduler.timesteps.tolist()
+    for (_, _, x), out in zip(captured, full, strict=True):
+        assert x.shape == (2, 8 * 8, 64)  # [B, H·W, C] at the toy's up1.1
+        torch.testing.assert_close(x, out.chunk(2)[1].flatten(2).transpose(1, 2))
+
+
+def test_other_step_count_uses_nearest_table_rows(steered):
+    result = steered.generate(request(steps=TINY_STEPS + 3, edits=[ConceptEdit("red", 20.0)]))
+    assert len(result.images) == 2 and len(result.detection) == 2
