@@ -43,6 +43,15 @@ def test_assets_are_small_and_documented():
     assert set(figures["generation"]["full_caption"]) == set(KINDS)
 
 
+def test_shipped_tokenizer_is_the_training_tokenizer(steered, tmp_path):
+    from training.toyworld.tokenizer import build_clip_tokenizer
+
+    reference = build_clip_tokenizer(tmp_path)
+    for text in ("a red circle on a striped background", "a crimson box", ""):
+        assert steered.pipe.tokenizer(text).input_ids == reference(text).input_ids
+    assert steered.pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+
+
 def test_pipeline_is_fp16_on_disk_with_ddim_without_clipping():
     config = json.loads((PIPELINE / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "DDIMScheduler" and config["clip_sample"] is False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -41,14 +42,29 @@ class _Timer:
         return result
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
-    """Save the pipeline in fp16 in the standard diffusers folder layout."""
+def _record_run(work_dir: Path, args: dict) -> list[dict]:
+    """Append this invocation to work_dir/runs.json: a resumed build says how it was made."""
+    path = work_dir / "runs.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({"started": datetime.now(UTC).isoformat(timespec="seconds"), **args})
+    path.write_text(json.dumps(runs, indent=2))
+    return runs
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, directory: Path, vocab_dir: Path) -> None:
+    """Save the pipeline in fp16 in SD-1.x's folder layout.
+
+    The tokenizer folder gets SD-1.x's vocab.json + merges.txt (which transformers 4 and 5
+    both load) instead of the 3.6 MB tokenizer.json that transformers 5 writes.
+    """
     if directory.exists():
         shutil.rmtree(directory)
     pipe.to(torch.float16).save_pretrained(directory, safe_serialization=True)
     pipe.to(torch.float32)
-    # The fast tokenizer's tokenizer.json is rebuilt from vocab.json + merges.txt on load.
-    (directory / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    tok_dir = directory / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(vocab_dir / name, tok_dir / name)
+    (tok_dir / "tokenizer.json").unlink(missing_ok=True)
 
 
 def load_pipeline(directory: Path) -> StableDiffusionPipeline:
@@ -64,7 +80,7 @@ def build(
     seed: int = 0,
     vae_steps: int = 800,
     classifier_steps: int = 800,
-    unet_steps: int = 3000,
+    unet_steps: int = 5000,
     eval_full: int = 200,
     eval_per_prompt: int = 16,
 ) -> dict:
@@ -73,7 +89,10 @@ def build(
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer(work_dir / "times.json")
-    tokenizer = build_clip_tokenizer(work_dir / "tokenizer")
+    runs = _record_run(work_dir, {"seed": seed, "vae_steps": vae_steps,
+                                  "classifier_steps": classifier_steps, "unet_steps": unet_steps})
+    vocab_dir = work_dir / "tokenizer"
+    tokenizer = build_clip_tokenizer(vocab_dir)
     vae = timer.run("vae", lambda: train_vae(work_dir, seed, vae_steps))
     classifier = timer.run(
         "classifier", lambda: train_classifier(work_dir, seed, vae, classifier_steps))
@@ -86,8 +105,12 @@ def build(
         scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_pipeline(pipe, out_dir / PIPELINE_DIR)
+    save_pipeline(pipe, out_dir / PIPELINE_DIR, vocab_dir)
     shipped = load_pipeline(out_dir / PIPELINE_DIR)
+    probe = "a red circle"
+    if shipped.tokenizer(probe).input_ids != tokenizer(probe).input_ids:
+        raise RuntimeError(f"the saved tokenizer in {out_dir / PIPELINE_DIR} does not "
+                           "reproduce the training tokenizer; refusing to ship it")
     shipped_classifier = AttributeClassifier.from_pretrained(out_dir / CLASSIFIER_DIR)
     quality = timer.run("evaluate", lambda: evaluate_pipeline(
         shipped, shipped_classifier, n_full=eval_full, per_prompt=eval_per_prompt))
@@ -98,6 +121,7 @@ def build(
         "classifier_accuracy": accuracy,
         "generation": quality,
         "seconds": timer.times,
+        "runs": runs,
     }
     (out_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
     write_build_report(out_dir, results)

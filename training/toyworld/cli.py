@@ -17,7 +17,7 @@ def build(
     seed: int = typer.Option(0, help="Seed of every stage."),
     vae_steps: int = typer.Option(800),
     classifier_steps: int = typer.Option(800),
-    unet_steps: int = typer.Option(3000),
+    unet_steps: int = typer.Option(5000),
     eval_full: int = typer.Option(200, help="Held-out prompt/seed pairs with full captions."),
     eval_per_prompt: int = typer.Option(16, help="Seeds per single-attribute/synonym prompt."),
 ) -> None:

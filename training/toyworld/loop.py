@@ -73,7 +73,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if (step + 1) % save_every == 0 or step + 1 == total_steps:

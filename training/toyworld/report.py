@@ -13,6 +13,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _runs(runs: list[dict]) -> list[str]:
+    """Lines listing the invocations of a resumed build (nothing for a single run)."""
+    if len(runs) <= 1:
+        return []
+    lines = ["This build was resumed; its runs, in order (a run with more steps than the last "
+             "continued training from the last checkpoint with its LR schedule stretched to the "
+             "new total):", ""]
+    lines += [f"- {r['started']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "started")
+              for r in runs]
+    return [*lines, ""]
+
+
 def write_build_report(out_dir: Path, r: dict) -> None:
     """Render the build's results (as saved in toyworld-eval.json) to BUILD.md."""
     steps = r["steps"]
@@ -31,6 +43,7 @@ def write_build_report(out_dir: Path, r: dict) -> None:
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
         + f"; total {sum(secs.values()) / 60:.1f} min.",
         "",
+        *_runs(r.get("runs", [])),
         f"Sizes: `toy-pipeline/` {_dir_mb(out_dir / 'toy-pipeline'):.1f} MB (fp16), "
         f"`toy-classifier/` {_dir_mb(out_dir / 'toy-classifier'):.1f} MB (fp16).",
         "",

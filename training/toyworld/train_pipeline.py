@@ -63,7 +63,7 @@ def train_unet(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Train (or resume) UNet + text encoder with x0 ("sample") prediction."""
     torch.manual_seed(seed)
-    mean, std, scenes = latent_dataset(work_dir, seed, vae, n_scenes)
+    mean, _, scenes = latent_dataset(work_dir, seed, vae, n_scenes)
     unet, text_encoder = build_unet(), build_text_encoder()
     noise_scheduler = training_scheduler()
     vae.requires_grad_(False)
@@ -75,8 +75,9 @@ def train_unet(
         idx = rng.integers(0, len(scenes), batch)
         captions = ["" if rng.random() < EMPTY_CAPTION_P else caption(scenes[i], rng) for i in idx]
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        eps = torch.randn(mean[idx].shape, generator=gen)
-        latents = (mean[idx] + std[idx] * eps) * vae.config.scaling_factor
+        # The posterior mean, not a sample: this tiny VAE's posterior std (≈0.76) exceeds the
+        # spread of its means (≈0.60), so sampled targets were mostly unpredictable noise.
+        latents = mean[idx] * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
