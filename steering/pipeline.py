@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from steering.bundle import SteeringBundle
+from steering.concepts import ConceptSpec
 from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.hooks import SteeringHook, StepTracker, attached
@@ -110,7 +111,7 @@ class SteeredPipeline:
         return cls(pipe, bundle)
 
     @property
-    def concepts(self) -> dict:
+    def concepts(self) -> dict[str, ConceptSpec]:
         """The bundle's concepts by name (empty without a bundle)."""
         if self.bundle is None:
             return {}
