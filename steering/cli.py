@@ -15,6 +15,13 @@ import typer
 app = typer.Typer(help="sae-steering: steer diffusion models with sparse autoencoders.",
                   no_args_is_help=True)
 
+
+
+@app.callback()
+def _root() -> None:
+    """sae-steering: steer diffusion models with sparse autoencoders."""
+
+
 # Shipped toy assets, found beside the source tree (editable install / clean clone).
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -45,8 +52,7 @@ def generate(
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (GPU)."),
     out: Path = typer.Option(Path("out"), help="Output folder."),
 ) -> None:
-    """Generate PNGs and grid.png; with concept edits also the unsteered originals and a
-    side-by-side sheet.png."""
+    """Generate PNGs and grid.png; with concept edits, also the originals and sheet.png."""
     from steering.edits import ConceptEdit, EditError
     from steering.pipeline import GenerationRequest, SteeredPipeline
     from steering.sheet import grid, side_by_side
