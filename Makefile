@@ -34,7 +34,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/steering_overhead.py
 
-# Rebuild assets/ from scratch (about 45 min on 2 CPU cores; rerun to resume).
+# Rebuild assets/ from scratch (about an hour on 2 CPU cores; rerun to resume).
 toyworld: install
 	$(BIN)/steer toyworld build --out assets --work-dir toyworld-build
 

@@ -21,7 +21,7 @@ def build(
     eval_full: int = typer.Option(200, help="Held-out prompt/seed pairs with full captions."),
     eval_per_prompt: int = typer.Option(16, help="Seeds per single-attribute/synonym prompt."),
 ) -> None:
-    """Train everything from a seed (about 45 min on 2 CPU cores); rerun to resume."""
+    """Train everything from a seed (about an hour on 2 CPU cores); rerun to resume."""
     from training.toyworld.build import build as run_build
 
     results = run_build(out, work_dir, seed, vae_steps, classifier_steps, unet_steps,
