@@ -81,8 +81,10 @@ def build(
     vae_steps: int = 800,
     classifier_steps: int = 800,
     unet_steps: int = 5000,
+    unet_scenes: int = 32768,
     eval_full: int = 200,
     eval_per_prompt: int = 16,
+    eval_classifier: int = 2000,
 ) -> dict:
     """Build (or resume building) the toy pipeline and classifier into ``out_dir``."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -90,16 +92,18 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer(work_dir / "times.json")
     runs = _record_run(work_dir, {"seed": seed, "vae_steps": vae_steps,
-                                  "classifier_steps": classifier_steps, "unet_steps": unet_steps})
+                                  "classifier_steps": classifier_steps, "unet_steps": unet_steps,
+                                  "unet_scenes": unet_scenes})
     vocab_dir = work_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(vocab_dir)
     vae = timer.run("vae", lambda: train_vae(work_dir, seed, vae_steps))
     classifier = timer.run(
         "classifier", lambda: train_classifier(work_dir, seed, vae, classifier_steps))
-    accuracy = held_out_accuracy(classifier, seed, vae)
+    accuracy = held_out_accuracy(classifier, seed, vae, eval_classifier)
     classifier.save_pretrained(out_dir / CLASSIFIER_DIR)
     unet, text_encoder = timer.run(
-        "unet", lambda: train_unet(work_dir, seed, vae, tokenizer, unet_steps))
+        "unet", lambda: train_unet(work_dir, seed, vae, tokenizer, unet_steps,
+                                           n_scenes=unet_scenes))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
@@ -116,9 +120,11 @@ def build(
         shipped, shipped_classifier, n_full=eval_full, per_prompt=eval_per_prompt))
     results = {
         "seed": seed,
-        "steps": {"vae": vae_steps, "classifier": classifier_steps, "unet": unet_steps},
+        "steps": {"vae": vae_steps, "classifier": classifier_steps, "unet": unet_steps,
+                  "unet_scenes": unet_scenes},
         "sampling": {"scheduler": "DDIM", "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE},
         "classifier_accuracy": accuracy,
+        "classifier_eval_n": eval_classifier,
         "generation": quality,
         "seconds": timer.times,
         "runs": runs,

@@ -18,14 +18,16 @@ def build(
     vae_steps: int = typer.Option(800),
     classifier_steps: int = typer.Option(800),
     unet_steps: int = typer.Option(5000),
+    unet_scenes: int = typer.Option(32768, help="Rendered scenes the UNet trains on."),
     eval_full: int = typer.Option(200, help="Held-out prompt/seed pairs with full captions."),
     eval_per_prompt: int = typer.Option(16, help="Seeds per single-attribute/synonym prompt."),
+    eval_classifier: int = typer.Option(2000, help="Held-out renders judging the classifier."),
 ) -> None:
     """Train everything from a seed (about an hour on 2 CPU cores); rerun to resume."""
     from training.toyworld.build import build as run_build
 
     results = run_build(out, work_dir, seed, vae_steps, classifier_steps, unet_steps,
-                        eval_full, eval_per_prompt)
+                        unet_scenes, eval_full, eval_per_prompt, eval_classifier)
     full = results["generation"]["full_caption"]
     typer.echo(f"built {out}: full-caption shape/colour/background "
                f"{full['shape']:.3f}/{full['colour']:.3f}/{full['background']:.3f}; "

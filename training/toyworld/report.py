@@ -37,7 +37,8 @@ def write_build_report(out_dir: Path, r: dict) -> None:
         "",
         "    steer toyworld build --out assets --work-dir toyworld-build "
         f"--seed {r['seed']} --vae-steps {steps['vae']} "
-        f"--classifier-steps {steps['classifier']} --unet-steps {steps['unet']}",
+        f"--classifier-steps {steps['classifier']} --unet-steps {steps['unet']} "
+        f"--unet-scenes {steps['unet_scenes']}",
         "",
         "Time on this machine (2 CPU cores): "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items())
@@ -47,7 +48,7 @@ def write_build_report(out_dir: Path, r: dict) -> None:
         f"Sizes: `toy-pipeline/` {_dir_mb(out_dir / 'toy-pipeline'):.1f} MB (fp16), "
         f"`toy-classifier/` {_dir_mb(out_dir / 'toy-classifier'):.1f} MB (fp16).",
         "",
-        "## Attribute classifier (held-out renders, 2,000 each)",
+        f"## Attribute classifier (held-out renders, {r['classifier_eval_n']:,} each)",
         "",
         "| set | shape | colour | background |",
         "|---|---|---|---|",

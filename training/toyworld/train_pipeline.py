@@ -23,23 +23,21 @@ EMPTY_CAPTION_P = 0.1
 @torch.no_grad()
 def latent_dataset(
     work_dir: Path, seed: int, vae: AutoencoderKL, n: int, chunk: int = 512
-) -> tuple[torch.Tensor, torch.Tensor, list[Scene]]:
-    """Render ``n`` scenes once and keep their VAE posteriors (mean, std): the UNet then
-    trains at its own speed instead of re-encoding every batch. Cached in work_dir."""
+) -> tuple[torch.Tensor, list[Scene]]:
+    """Render ``n`` scenes once and keep their VAE posterior means: the UNet then trains at
+    its own speed instead of re-encoding every batch. Cached in work_dir."""
     path = work_dir / f"latents-{n}.pt"
     cached = load_state(path)
     if cached is not None:
-        return cached["mean"], cached["std"], cached["scenes"]
-    means, stds, scenes = [], [], []
+        return cached["mean"], cached["scenes"]
+    means, scenes = [], []
     for i in tqdm(range(0, n, chunk), desc="encode scenes"):
         images, sc = render_batch(step_rng(seed, "latents", i), min(chunk, n - i))
-        posterior = vae.encode(to_tensor(images)).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        means.append(vae.encode(to_tensor(images)).latent_dist.mean)
         scenes.extend(sc)
-    state = {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": scenes}
+    state = {"mean": torch.cat(means), "scenes": scenes}
     save_state(path, state)
-    return state["mean"], state["std"], scenes
+    return state["mean"], scenes
 
 
 def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]):
@@ -63,7 +61,7 @@ def train_unet(
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Train (or resume) UNet + text encoder with x0 ("sample") prediction."""
     torch.manual_seed(seed)
-    mean, _, scenes = latent_dataset(work_dir, seed, vae, n_scenes)
+    mean, scenes = latent_dataset(work_dir, seed, vae, n_scenes)
     unet, text_encoder = build_unet(), build_text_encoder()
     noise_scheduler = training_scheduler()
     vae.requires_grad_(False)
