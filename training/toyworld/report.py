@@ -20,8 +20,9 @@ def _runs(runs: list[dict]) -> list[str]:
     lines = ["This build was resumed; its runs, in order (a run with more steps than the last "
              "continued training from the last checkpoint with its LR schedule stretched to the "
              "new total):", ""]
-    lines += [f"- {r['started']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "started")
-              for r in runs]
+    for run in runs:
+        args = ", ".join(f"{k} {v}" for k, v in run.items() if k not in ("started", "note"))
+        lines.append(f"- {run['started']}: {args}" + (f" — {run['note']}" if "note" in run else ""))
     return [*lines, ""]
 
 
