@@ -144,3 +144,14 @@ def test_capture_hook_hands_over_the_cond_half_every_step(steered):
 def test_other_step_count_uses_nearest_table_rows(steered):
     result = steered.generate(request(steps=TINY_STEPS + 3, edits=[ConceptEdit("red", 20.0)]))
     assert len(result.images) == 2 and len(result.detection) == 2
+
+
+def test_sd_folder_shipping_pndm_is_switched_to_ddim(tiny_pipeline_dir, tmp_path):
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # as SD-1.4 ships
+    pipe.save_pretrained(tmp_path / "sd")
+    steered = SteeredPipeline.from_pretrained(tmp_path / "sd")
+    assert isinstance(steered.pipe.scheduler, DDIMScheduler)
+    assert steered.pipe.scheduler.config.clip_sample is False
