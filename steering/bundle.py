@@ -301,18 +301,25 @@ class SteeringBundle:
             )
 
         # 4. pipeline fingerprint
-        if expected_fingerprint is not None and expected_fingerprint != m.pipeline_fingerprint:
-            raise BundleError(
-                f"{MANIFEST_FILE}: the bundle was made for pipeline fingerprint "
-                f"{m.pipeline_fingerprint} but the loaded pipeline is {expected_fingerprint} "
-                "(a different model, e.g. SD-1.4 vs SD-1.5); rebuild the bundle for this pipeline"
-            )
-        return cls(
+        bundle = cls(
             manifest=manifest,
             sae=sae,
             tables=tables,
             _manifest_sha256=hashlib.sha256(raw).hexdigest(),
         )
+        if expected_fingerprint is not None:
+            bundle.check_fingerprint(expected_fingerprint)
+        return bundle
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Refuse a pipeline other than the one the bundle was made for."""
+        made_for = self.manifest.pipeline_fingerprint
+        if fingerprint != made_for:
+            raise BundleError(
+                f"{MANIFEST_FILE}: the bundle was made for pipeline fingerprint "
+                f"{made_for} but the loaded pipeline is {fingerprint} "
+                "(a different model, e.g. SD-1.4 vs SD-1.5); rebuild the bundle for this pipeline"
+            )
 
     # -- queries -----------------------------------------------------------------------------
 

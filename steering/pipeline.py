@@ -68,10 +68,10 @@ class GenerationResult:
 
 
 class SteeredPipeline:
-    """Generation with SAE concept steering on ``unet.up_blocks[1].attentions[1]``."""
+    """Generation with SAE concept steering at the bundle's hook point (SD: up1.1)."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, bundle: SteeringBundle | None = None,
-                 hook_point: str = HOOK_POINT) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, bundle: SteeringBundle | None = None
+                 ) -> None:
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(f"only SD-1.x StableDiffusionPipeline is supported, got "
                             f"{type(pipe).__name__}")
@@ -79,10 +79,12 @@ class SteeredPipeline:
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        hook_point = bundle.manifest.hook_point if bundle is not None else HOOK_POINT
         self.block = pipe.unet.get_submodule(hook_point)
         self.bundle = bundle
         self.fingerprint = pipeline_fingerprint(pipe.unet, hook_point)
         if bundle is not None:
+            bundle.check_fingerprint(self.fingerprint)
             sae = bundle.sae.to(pipe.device)
             self._kinds: dict[str, list[str]] = {}
             for spec in bundle.manifest.concepts:
@@ -104,10 +106,8 @@ class SteeredPipeline:
         pipe = StableDiffusionPipeline.from_pretrained(
             path, torch_dtype=dtype, local_files_only=True, safety_checker=None,
             requires_safety_checker=False).to(device)
-        bundle = None
-        if bundle_dir is not None:
-            bundle = SteeringBundle.load(
-                bundle_dir, expected_fingerprint=pipeline_fingerprint(pipe.unet), device=device)
+        # The constructor checks the bundle against this pipeline's fingerprint.
+        bundle = None if bundle_dir is None else SteeringBundle.load(bundle_dir, device=device)
         return cls(pipe, bundle)
 
     @property
