@@ -87,7 +87,6 @@ def build(
     eval_classifier: int = 2000,
 ) -> dict:
     """Build (or resume building) the toy pipeline and classifier into ``out_dir``."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer(work_dir / "times.json")
