@@ -105,14 +105,21 @@ def generate(
 
 
 def _add_entry_point_groups(root: typer.Typer) -> None:
-    """Attach every installed `steer.commands` entry point as a sub-command group."""
+    """Attach every installed `steer.commands` entry point.
+
+    A Typer app becomes a sub-command group named after the entry point; a plain function
+    is called with the root app and adds top-level commands (``steer collect`` …).
+    """
     for ep in entry_points(group="steer.commands"):
         try:
             group = ep.load()
         except ImportError as exc:  # an optional extra is not installed
             typer.echo(f"steer: skipping command group {ep.name!r} ({exc})", err=True)
             continue
-        root.add_typer(group, name=ep.name)
+        if isinstance(group, typer.Typer):
+            root.add_typer(group, name=ep.name)
+        else:
+            group(root)
 
 
 def main() -> None:
