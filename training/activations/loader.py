@@ -1,0 +1,282 @@
+"""Activation loader: block sources and a deterministic, seekable, prefetching shuffle loader.
+
+A source splits its rows into blocks that are each read with one contiguous read. The loader
+deals blocks to ranks, shuffles block order per epoch, fills buffers of ``buffer_blocks`` blocks
+on a background thread, shuffles the rows inside each buffer and cuts the stream into batches.
+Every random choice comes from a generator seeded by a stable hash of (seed, epoch, rank, ...),
+so a stream is reproducible and ``start_batch`` can seek into it by arithmetic alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training.activations.store import ActivationStore, StoreError, redo_advice, shard_problem
+
+_POLL_S = 0.1  # how often blocked queue operations look at the stop flag
+
+
+class BlockSource(Protocol):
+    """Rows of activations split into blocks, each read with one contiguous read."""
+
+    d_in: int
+
+    def block_rows(self) -> list[int]:
+        """Rows of every block, in block order."""
+        ...
+
+    def read_block(self, i: int) -> Tensor:
+        """Block ``i`` as a CPU tensor [block_rows()[i], d_in] of any float dtype."""
+        ...
+
+
+class TensorSource(BlockSource):
+    """An in-memory tensor [N, d_in] cut into blocks of ``block_rows`` rows (last may be short)."""
+
+    def __init__(self, data: Tensor, block_rows: int) -> None:
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise ValueError(f"TensorSource needs a non-empty [N, d_in] tensor, "
+                             f"got {tuple(data.shape)}")
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        self.data, self.d_in = data, int(data.shape[1])
+        self._starts = list(range(0, data.shape[0], block_rows))
+        self._rows = [min(block_rows, data.shape[0] - s) for s in self._starts]
+
+    def block_rows(self) -> list[int]:
+        """Rows of every block, in block order."""
+        return list(self._rows)
+
+    def read_block(self, i: int) -> Tensor:
+        """Rows [i * block_rows, ...) of the tensor (a view)."""
+        return self.data[self._starts[i]:self._starts[i] + self._rows[i]]
+
+
+class MemmapSource(BlockSource):
+    """Committed shards of activation stores as blocks of at most ``chunk_rows`` rows.
+
+    A block never crosses a shard, so reading it is one contiguous slice of that shard's memmap.
+    Shard sizes are checked again here (StoreError naming a truncated one); a shard truncated
+    while it is being read cannot be caught (the OS kills the process with SIGBUS).
+    """
+
+    def __init__(self, stores: Sequence[ActivationStore], chunk_rows: int = 4096) -> None:
+        if not stores:
+            raise ValueError("MemmapSource needs at least one activation store")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        d_ins = {store.manifest.d_in for store in stores}
+        if len(d_ins) != 1:
+            names = ", ".join(f"{s.directory} (d_in {s.manifest.d_in})" for s in stores)
+            raise ValueError(f"stores with different d_in cannot be mixed: {names}")
+        self.d_in = d_ins.pop()
+        self._arrays: list[np.ndarray] = []
+        self._blocks: list[tuple[int, int, int]] = []  # (array index, row start, row end)
+        for store in stores:
+            for shard in store.shard_ids():
+                problem = shard_problem(store.directory, store.manifest, shard)
+                if problem is not None:
+                    raise StoreError(f"store {store.directory}: " + redo_advice(problem))
+                rows = store.shard_rows(shard)
+                self._arrays.append(store.shard_array(shard))
+                for start in range(0, rows, chunk_rows):
+                    end = min(start + chunk_rows, rows)
+                    self._blocks.append((len(self._arrays) - 1, start, end))
+        if not self._blocks:
+            names = ", ".join(str(s.directory) for s in stores)
+            raise ValueError(f"no committed rows in {names}: run `steer collect` first")
+
+    def block_rows(self) -> list[int]:
+        """Rows of every block, in block order (stores, then shards, then chunks)."""
+        return [end - start for _, start, end in self._blocks]
+
+    def read_block(self, i: int) -> Tensor:
+        """One contiguous read of the block's rows from its shard's memmap."""
+        array, start, end = self._blocks[i]
+        return torch.from_numpy(np.array(self._arrays[array][start:end]))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints, stable across processes (sha256, not ``hash()``)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _randperm(n: int, *seed_parts: int) -> Tensor:
+    """``randperm(n)`` from a generator seeded with ``derive_seed(*seed_parts)``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(*seed_parts)))
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception raised on the prefetch thread, carried to the consumer."""
+
+    error: BaseException
+
+
+class ActivationLoader:
+    """Infinite, deterministic, seekable stream of shuffled [batch_size, d_in] batches.
+
+    Memory holds at most ``prefetch_buffers + 2`` buffers of ``buffer_blocks`` blocks, whatever
+    the dataset size. Iterate once; call ``close()`` (or use ``with``) to stop the prefetch thread.
+    """
+
+    def __init__(self, source: BlockSource, batch_size: int, seed: int = 0,
+                 buffer_blocks: int = 64, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, prefetch_buffers: int = 2) -> None:
+        for name, value in [("batch_size", batch_size), ("buffer_blocks", buffer_blocks),
+                            ("world_size", world_size), ("prefetch_buffers", prefetch_buffers)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.buffer_blocks, self.rank, self.world_size = buffer_blocks, rank, world_size
+        self.start_batch, self.device, self.dtype = start_batch, torch.device(device), dtype
+        self._rows = source.block_rows()
+        if len(self._rows) < world_size:
+            raise ValueError(f"{len(self._rows)} blocks cannot be dealt to {world_size} ranks: "
+                             "use a smaller chunk_rows / block size or fewer ranks")
+        self._blocks = _randperm(len(self._rows), seed)[rank::world_size].tolist()
+        self.epoch_rows = sum(self._rows[b] for b in self._blocks)
+        self._queue: queue.Queue[Tensor | _Failure] = queue.Queue(maxsize=prefetch_buffers)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def epoch_buffers(self, epoch: int) -> list[list[int]]:
+        """The source block ids of each buffer of ``epoch`` on this rank, in stream order."""
+        order = _randperm(len(self._blocks), self.seed, epoch, self.rank).tolist()
+        blocks = [self._blocks[i] for i in order]
+        return [blocks[i:i + self.buffer_blocks] for i in range(0, len(blocks), self.buffer_blocks)]
+
+    def _start(self) -> tuple[int, int, int]:
+        """(epoch, buffer index, row offset in that buffer) where ``start_batch`` begins."""
+        epoch, offset = divmod(self.start_batch * self.batch_size, self.epoch_rows)
+        for index, blocks in enumerate(self.epoch_buffers(epoch)):
+            rows = sum(self._rows[b] for b in blocks)
+            if offset < rows:
+                return epoch, index, offset
+            offset -= rows
+        raise AssertionError("offset beyond the epoch")  # unreachable: offset < epoch_rows
+
+    def _read_buffer(self, epoch: int, index: int, blocks: list[int]) -> Tensor | None:
+        """Read ``blocks`` into one buffer in its shuffled row order; None if stopped."""
+        total = sum(self._rows[b] for b in blocks)
+        perm = _randperm(total, self.seed, epoch, self.rank, index)
+        target = torch.empty_like(perm)
+        target[perm] = torch.arange(total)  # row j of the concatenated blocks goes to target[j]
+        buffer, start = None, 0
+        for block in blocks:
+            if self._stop.is_set():
+                return None
+            rows = self.source.read_block(block)
+            if tuple(rows.shape) != (self._rows[block], self.source.d_in):
+                raise ValueError(f"block {block} has shape {tuple(rows.shape)}, the source "
+                                 f"announced ({self._rows[block]}, {self.source.d_in})")
+            if buffer is None:
+                buffer = torch.empty(total, self.source.d_in, dtype=rows.dtype,
+                                     pin_memory=self.device.type == "cuda")
+            buffer.index_copy_(0, target[start:start + len(rows)], rows.to(buffer.dtype))
+            start += len(rows)
+        return buffer
+
+    def _put(self, item: Tensor | _Failure) -> bool:
+        """Put ``item`` on the queue unless the loader is stopped; False when stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        """Prefetch thread: fill buffers in stream order from the start position, forever."""
+        try:
+            epoch, index, _ = self._start()
+            while True:
+                buffers = self.epoch_buffers(epoch)
+                for i in range(index, len(buffers)):
+                    buffer = self._read_buffer(epoch, i, buffers[i])
+                    if buffer is None or not self._put(buffer):
+                        return
+                epoch, index = epoch + 1, 0
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put(_Failure(error))
+
+    def _next_buffer(self) -> Tensor | None:
+        """The next buffer from the prefetch thread; re-raises its error; None once closed."""
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Failure):
+                raise item.error
+            return item
+        return None
+
+    def _assemble(self, parts: list[Tensor]) -> Tensor:
+        """A batch from buffer slices: converted on CPU; copied non-blocking, converted on GPU."""
+        stage = self.dtype if self.device.type == "cpu" else parts[0].dtype
+        out = torch.empty(self.batch_size, self.source.d_in, dtype=stage, device=self.device)
+        start = 0
+        for part in parts:
+            out[start:start + len(part)].copy_(part, non_blocking=True)
+            start += len(part)
+        return out.to(self.dtype)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Start the prefetch thread and return the infinite batch stream (once per loader)."""
+        if self._thread is not None or self._stop.is_set():
+            raise RuntimeError("an ActivationLoader is iterated once; make a new one "
+                               "(start_batch=... to continue where this one stopped)")
+        self._thread = threading.Thread(target=self._produce, name="activation-prefetch",
+                                        daemon=True)
+        self._thread.start()
+        return self._batches()
+
+    def _batches(self) -> Iterator[Tensor]:
+        """Cut the buffers into batches; batches span buffer and epoch boundaries."""
+        try:
+            buffer = self._next_buffer()
+            position = self._start()[2]
+            while buffer is not None:
+                parts, need = [], self.batch_size
+                while need:
+                    if position == len(buffer):
+                        buffer, position = self._next_buffer(), 0
+                        if buffer is None:
+                            return
+                    take = min(need, len(buffer) - position)
+                    parts.append(buffer[position:position + take])
+                    position, need = position + take, need - take
+                yield self._assemble(parts)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop and join the prefetch thread and drop the prefetched buffers (idempotent)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def __enter__(self) -> ActivationLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
