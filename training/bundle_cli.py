@@ -1,0 +1,199 @@
+"""`steer importance`, `steer export` and `steer bundle import|export --format sparsify`.
+
+Heavy modules (torch, diffusers, sparsify files) are imported inside the commands so that
+`steer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+bundle_app = typer.Typer(help="Move SAEs between steering bundles and other tools' layouts.",
+                         no_args_is_help=True)
+
+FORMATS = ("sparsify",)
+
+
+def register(root: typer.Typer) -> None:
+    """Add `importance`, `export` and the `bundle` group to the root `steer` app."""
+    root.command("importance")(importance)
+    root.command("export")(export)
+    root.add_typer(bundle_app, name="bundle")
+
+
+def _command() -> str:
+    return shlex.join(["steer", *sys.argv[1:]])
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the library's named errors (bad folder, store, bundle, spec) into one-line exits."""
+    from training.activations.store import StoreError
+
+    try:
+        yield
+    except (ValueError, OSError, StoreError) as e:
+        raise _fail(str(e)) from e
+
+
+def _spec(concepts: Path | None, gamma: float | None, gamma_range: tuple[float, float] | None,
+          percentile: float | None) -> Any:
+    """The ConceptsSpec of a --concepts file with the command line's defaults on top."""
+    from training.export import ConceptsSpec
+
+    spec = ConceptsSpec.load(concepts) if concepts is not None else ConceptsSpec()
+    return spec.with_defaults(default_gamma=gamma, gamma_range=gamma_range,
+                              default_percentile=percentile)
+
+
+_CONCEPTS_HELP = ("JSON/TOML file of steering defaults: tables 'defaults', 'kinds.KIND' and "
+                  "'concepts.NAME' of default_gamma, gamma_range, default_percentile.")
+
+
+def importance(
+    sae: Path | None = typer.Option(None, help="SAE folder (cfg.json + sae.safetensors)."),
+    store: Path | None = typer.Option(None, help="Concept-labelled activation store."),
+    out: Path = typer.Option(..., help="tables.safetensors to write (with --add-concept: the "
+                             "new bundle folder)."),
+    plots: Path | None = typer.Option(None, help="Folder for one heat-map PNG per concept."),
+    top: int = typer.Option(16, min=1, help="Features per heat map."),
+    batch_rows: int = typer.Option(8192, min=1, help="Tokens encoded per SAE call."),
+    add_concept: str | None = typer.Option(
+        None, "--add-concept", help="Add this concept to --bundle from --prompts instead."),
+    kind: str | None = typer.Option(None, help="Kind of the added concept (e.g. colour)."),
+    bundle: Path | None = typer.Option(None, help="Bundle to add the concept to."),
+    pipeline: Path | None = typer.Option(None, help="The bundle's diffusers pipeline folder."),
+    prompts: Path | None = typer.Option(None, help="JSONL prompts of the new concept (and "
+                                        "optionally of other concepts of its kind)."),
+    steps: int | None = typer.Option(None, min=1, help="Collection step count (default: "
+                                     "found from the bundle's timesteps)."),
+    guidance: float = typer.Option(7.5, min=0.0),
+    size: int | None = typer.Option(None, help="Image side in pixels (default: the UNet's)."),
+    batch_size: int = typer.Option(4, min=1, help="Prompts per pipeline call."),
+    concepts: Path | None = typer.Option(None, help=_CONCEPTS_HELP),
+    gamma: float | None = typer.Option(None, help="Default γ of the added concept."),
+    gamma_range: tuple[float, float] | None = typer.Option(None, help="γ range LO HI."),
+    percentile: float | None = typer.Option(None, help="Default percentile."),
+    device: str = typer.Option("cpu", help="cpu or cuda:N."),
+) -> None:
+    """Per-timestep concept feature scores and means (DESIGN §3), or add a concept to a bundle.
+
+    steer importance --sae DIR --store DIR --out tables.safetensors [--plots DIR]
+
+    steer importance --add-concept NAME --kind K --bundle DIR --pipeline DIR --prompts FILE
+    --out DIR
+    """
+    if add_concept is not None:
+        missing = [f"--{n}" for n, v in (("kind", kind), ("bundle", bundle),
+                                         ("pipeline", pipeline), ("prompts", prompts)) if v is None]
+        if missing:
+            raise _fail(f"--add-concept needs {', '.join(missing)}")
+        with _user_errors():
+            _add_concept(add_concept, kind, bundle, pipeline, prompts, out, steps, guidance,
+                         size, batch_size, _spec(concepts, gamma, gamma_range, percentile),
+                         device)
+        return
+    if sae is None or store is None:
+        raise _fail("pass --sae and --store (or --add-concept NAME ... to extend a bundle)")
+    from steering.sae import TopKSAE
+    from training.activations.store import ActivationStore
+    from training.importance import compute_importance, write_heatmaps
+
+    with _user_errors():
+        model = TopKSAE.from_pretrained(sae, device=device).eval().requires_grad_(False)
+        tables = compute_importance(model, ActivationStore.open(store), batch_rows=batch_rows)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tables.save(out)
+    typer.echo(f"wrote {out}: {tables.num_concepts} concepts × {tables.num_steps} steps × "
+               f"{tables.num_latents} features")
+    if plots is not None:
+        with _user_errors():
+            paths = write_heatmaps(tables, plots, top=top)
+        typer.echo(f"wrote {len(paths)} heat map(s) to {plots}")
+
+
+def _add_concept(name: str, kind: str, bundle: Path, pipeline: Path, prompts: Path, out: Path,
+                 steps: int | None, guidance: float, size: int | None, batch_size: int,
+                 spec: Any, device: str) -> None:
+    from steering.pipeline import SteeredPipeline
+    from training.export import add_concept
+
+    if not (Path(pipeline) / "model_index.json").is_file():
+        raise _fail(f"{pipeline} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = SteeredPipeline.from_pretrained(pipeline, device=device).pipe
+    new = add_concept(bundle, pipe, prompts, out, name, kind, steps=steps, guidance=guidance,
+                      size=size, batch_size=batch_size, spec=spec, command=_command())
+    typer.echo(f"wrote {out}: {len(new.concept_names)} concepts ({name!r} added)")
+
+
+def export(
+    sae: Path = typer.Option(..., help="SAE folder (cfg.json + sae.safetensors)."),
+    importance: Path = typer.Option(..., help="tables.safetensors from `steer importance`."),
+    store: Path = typer.Option(..., help="The store the tables came from (fingerprint, "
+                               "scheduler, hook point, concept kinds)."),
+    out: Path = typer.Option(..., help="Bundle folder to write."),
+    concepts: Path | None = typer.Option(None, help=_CONCEPTS_HELP),
+    gamma: float | None = typer.Option(None, help="Default γ for every concept."),
+    gamma_range: tuple[float, float] | None = typer.Option(None, help="γ range LO HI."),
+    percentile: float | None = typer.Option(None, help="Default feature percentile."),
+) -> None:
+    """Write a steering bundle (DESIGN §5) from an SAE and its importance tables."""
+    from training.export import export_bundle
+
+    with _user_errors():
+        bundle = export_bundle(sae, importance, store, out,
+                               _spec(concepts, gamma, gamma_range, percentile),
+                               command=_command())
+    typer.echo(f"wrote bundle {out}: {len(bundle.concept_names)} concepts, "
+               f"{bundle.manifest.steps} steps, n={bundle.manifest.n_latents}")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise _fail(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+
+
+@bundle_app.command("import")
+def bundle_import(
+    src: Path = typer.Argument(..., help="sparsify / SAeUron checkpoint (SAE folder or a "
+                               "root with one folder per hookpoint)."),
+    out: Path = typer.Option(..., help="SAE folder to write (then `steer importance`)."),
+    fmt: str = typer.Option("sparsify", "--format", help="Source layout."),
+    hookpoint: str | None = typer.Option(None, help="Hookpoint folder to take from a root."),
+) -> None:
+    """Import an SAE trained elsewhere as an SAE folder this project reads."""
+    _check_format(fmt)
+    from training.sparsify_format import import_sparsify
+
+    with _user_errors():
+        sae = import_sparsify(src, out, hookpoint=hookpoint)
+    typer.echo(f"wrote {out}: d_in={sae.d_in}, n={sae.num_latents}, k={sae.k}")
+
+
+@bundle_app.command("export")
+def bundle_export(
+    bundle: Path = typer.Argument(..., help="Steering bundle (or bare SAE folder)."),
+    out: Path = typer.Option(..., help="Checkpoint root to write (<out>/<hookpoint>/)."),
+    fmt: str = typer.Option("sparsify", "--format", help="Target layout."),
+    hookpoint: str | None = typer.Option(None, help="Folder name (default: the bundle's "
+                                         "hook point)."),
+) -> None:
+    """Export a bundle's SAE for `sparsify.SparseCoder.load_from_disk`."""
+    _check_format(fmt)
+    from training.sparsify_format import export_sparsify
+
+    with _user_errors():
+        folder = export_sparsify(bundle, out, hookpoint=hookpoint)
+    typer.echo(f"wrote {folder} (load with SparseCoder.load_from_disk({str(folder)!r}))")
