@@ -40,17 +40,17 @@ def register(root: typer.Typer) -> None:
                                      help="JSONL prompt file (prompt, concepts, seed)."),
         out: Path = typer.Option(..., "--out", file_okay=False, help="Store folder."),
         pipeline: Path | None = typer.Option(
-            None, "--pipeline", help="Local SD-1.x pipeline folder [default: "
-            "assets/toy-pipeline]."),
+            None, "--pipeline", help="Local SD-1.x pipeline folder (default: "
+            "assets/toy-pipeline)."),
         steps: int = typer.Option(50, min=1, max=1000, help="DDIM steps."),
         guidance: float = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale."),
         size: int | None = typer.Option(None, help="Image side (height = width) in pixels "
-                                        "[default: the pipeline's]."),
+                                        "(default: the pipeline's)."),
         capture_steps: str = typer.Option(
             "all", help="Steps to keep: all, 0,5,10 or start:stop:step (indices, 0-based)."),
         shard: str = typer.Option("0/1", help="i/n: this process does shards s with "
                                   "s % n == i (run n processes on the same --out)."),
-        prompts_per_shard: int = typer.Option(64, min=1),
+        prompts_per_shard: int = typer.Option(64, min=1, help="Prompts per shard file."),
         batch_size: int = typer.Option(8, min=1, help="Prompts per pipeline call."),
         device: str = typer.Option("cpu", help="cpu or cuda:N."),
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (GPU)."),

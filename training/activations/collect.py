@@ -230,10 +230,13 @@ def _pid_alive(pid: int) -> bool:
 def _write_once(path: Path, data: bytes) -> bool:
     """Write ``data`` atomically unless ``path`` already holds it; False when it holds other
     bytes. Temp names carry the pid, so processes sharing a store never collide."""
-    if path.exists():
-        return path.read_bytes() == data
-    atomic_write(path, data, path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}"))
-    return True
+    if not path.exists():
+        try:
+            atomic_write(path, data, path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}"))
+        except FileNotFoundError:  # another process cleaned our temp file up: it wrote one
+            if not path.exists():
+                raise
+    return path.read_bytes() == data
 
 
 def _clean_stale_partials(directory: Path) -> None:
