@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import typer
+from typer.testing import CliRunner
 
 from steering.sae import SaeConfig, TopKSAE
 from training.activations.loader import TensorSource
@@ -225,3 +227,59 @@ def test_presets_and_overrides() -> None:
     assert "estimate" in gpu.how and math.isfinite(gpu.total) and gpu.total > 0
     text = describe(get_preset("smoke"), get_preset("smoke").config(d_in=16))
     assert "expected memory" in text and "measured" in text
+
+
+# -- steer train --------------------------------------------------------------------------------
+
+
+def _train_app() -> typer.Typer:
+    from training.trainer.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None: ...
+
+    return app
+
+
+def test_cli_trains_from_stores_resumes_and_evaluates(tmp_path: Path) -> None:
+    from tests.training.test_loader import write_store
+
+    write_store(tmp_path / "train", num_prompts=40)
+    write_store(tmp_path / "held", num_prompts=6, first_row=5)
+    app, run = _train_app(), tmp_path / "run"
+    args = ["train", "--store", str(tmp_path / "train"), "--out", str(run), "--preset", "smoke",
+            "--steps", "6", "--batch-size", "64", "--checkpoint-every", "3"]
+    first = CliRunner().invoke(app, [*args, "--eval-store", str(tmp_path / "held")])
+    assert first.exit_code == 0, first.output
+    assert "preset smoke" in first.output and "expected memory" in first.output
+    result = json.loads((run / "eval.json").read_text())
+    assert set(result) == {"fvu", "l0", "dead_pct", "rows"} and result["rows"] == 6 * 32
+    assert TopKSAE.from_pretrained(run / "sae").d_in == 4
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+    bigger = CliRunner().invoke(app, [*args[:-4], "--steps", "8", "--resume"])
+    assert bigger.exit_code == 1 and "total_steps" in bigger.output
+    dry = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "nowhere"), "--out",
+                                   str(tmp_path / "x"), "--preset", "smoke"])
+    assert dry.exit_code != 0 and "nowhere" in dry.output
+
+
+def test_cli_online_mode_trains_from_the_pipeline(tiny_pipeline_dir: Path, tmp_path: Path) -> None:
+    from training.activations.prompts import PromptRecord, write_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, [PromptRecord(i, f"a red circle {i}", {}, i) for i in range(4)])
+    run = tmp_path / "online"
+    out = CliRunner().invoke(_train_app(), [
+        "train", "--from-pipeline", str(tiny_pipeline_dir), "--prompts", str(prompts),
+        "--out", str(run), "--preset", "smoke", "--steps", "3", "--batch-size", "32",
+        "--gen-steps", "2", "--capture-steps", "1", "--prompts-per-block", "1",
+        "--gen-batch-size", "1", "--size", "32"])
+    assert out.exit_code == 0, out.output
+    assert "nothing is stored" in out.output
+    assert TopKSAE.from_pretrained(run / "sae").d_in == 64
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "metrics.jsonl", "sae", "tb", "train_config.json"]
