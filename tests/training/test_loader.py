@@ -159,6 +159,14 @@ def test_half_precision_source_and_output_dtype() -> None:
     assert batch.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_equal_cpu_batches() -> None:
+    source = TensorSource(indexed_rows().half(), block_rows=37)
+    cpu = take(ActivationLoader(source, 64, seed=1, buffer_blocks=3), 40)
+    cuda = take(ActivationLoader(source, 64, seed=1, buffer_blocks=3, device="cuda"), 40)
+    assert all(y.is_cuda and torch.equal(x, y.cpu()) for x, y in zip(cpu, cuda, strict=True))
+
+
 def test_invalid_arguments_are_refused() -> None:
     source = TensorSource(indexed_rows(10), block_rows=5)
     with pytest.raises(ValueError, match="cannot be dealt"):

@@ -35,7 +35,8 @@ class BlockSource(Protocol):
         ...
 
     def read_block(self, i: int) -> Tensor:
-        """Block ``i`` as a CPU tensor [block_rows()[i], d_in] of any float dtype."""
+        """Block ``i`` as a CPU tensor [block_rows()[i], d_in] of any float dtype; it may be a
+        view (of a memmap, say): the loader copies it into its buffer and does not keep it."""
         ...
 
 
@@ -48,7 +49,7 @@ class TensorSource(BlockSource):
                              f"got {tuple(data.shape)}")
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        self.data, self.d_in = data, int(data.shape[1])
+        self.data, self.d_in = data.detach(), int(data.shape[1])
         self._starts = list(range(0, data.shape[0], block_rows))
         self._rows = [min(block_rows, data.shape[0] - s) for s in self._starts]
 
@@ -87,7 +88,7 @@ class MemmapSource(BlockSource):
                 if problem is not None:
                     raise StoreError(f"store {store.directory}: " + redo_advice(problem))
                 rows = store.shard_rows(shard)
-                self._arrays.append(store.shard_array(shard))
+                self._arrays.append(_copy_on_write(store.shard_array(shard)))
                 for start in range(0, rows, chunk_rows):
                     end = min(start + chunk_rows, rows)
                     self._blocks.append((len(self._arrays) - 1, start, end))
@@ -100,9 +101,15 @@ class MemmapSource(BlockSource):
         return [end - start for _, start, end in self._blocks]
 
     def read_block(self, i: int) -> Tensor:
-        """One contiguous read of the block's rows from its shard's memmap."""
+        """The block's rows: a zero-copy tensor over one contiguous slice of its shard's memmap."""
         array, start, end = self._blocks[i]
-        return torch.from_numpy(np.array(self._arrays[array][start:end]))
+        return torch.from_numpy(self._arrays[array][start:end])
+
+
+def _copy_on_write(array: np.memmap) -> np.memmap:
+    """The same file mapping, copy-on-write: writable for torch, writes never reach the file."""
+    return np.memmap(array.filename, dtype=array.dtype, mode="c", offset=array.offset,
+                     shape=array.shape)
 
 
 def derive_seed(*parts: int) -> int:
@@ -114,6 +121,15 @@ def derive_seed(*parts: int) -> int:
 def _randperm(n: int, *seed_parts: int) -> Tensor:
     """``randperm(n)`` from a generator seeded with ``derive_seed(*seed_parts)``."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(*seed_parts)))
+
+
+def _scatter_rows(out: Tensor, index: Tensor, rows: Tensor) -> None:
+    """``out[index] = rows``: with numpy where it can (single-threaded, so the prefetch thread
+    does not start a second OpenMP team beside the consumer's), else with torch."""
+    if out.dtype in (torch.float16, torch.float32, torch.float64):
+        out.numpy()[index.numpy()] = rows.numpy()
+    else:
+        out.index_copy_(0, index, rows)
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,11 @@ class ActivationLoader:
                              "use a smaller chunk_rows / block size or fewer ranks")
         self._blocks = _randperm(len(self._rows), seed)[rank::world_size].tolist()
         self.epoch_rows = sum(self._rows[b] for b in self._blocks)
-        self._queue: queue.Queue[Tensor | _Failure] = queue.Queue(maxsize=prefetch_buffers)
+        own = sorted((self._rows[b] for b in self._blocks), reverse=True)
+        self._capacity = sum(own[:buffer_blocks])  # rows of the largest possible buffer
+        self._queue: queue.Queue[tuple[Tensor, int] | _Failure] = \
+            queue.Queue(maxsize=prefetch_buffers)
+        self._spares: queue.SimpleQueue[Tensor] = queue.SimpleQueue()  # consumed CPU buffers
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -171,13 +191,27 @@ class ActivationLoader:
             offset -= rows
         raise AssertionError("offset beyond the epoch")  # unreachable: offset < epoch_rows
 
-    def _read_buffer(self, epoch: int, index: int, blocks: list[int]) -> Tensor | None:
-        """Read ``blocks`` into one buffer in its shuffled row order; None if stopped."""
+    def _memory(self, dtype: torch.dtype) -> Tensor:
+        """Room for the largest buffer: a consumed one on CPU (no fresh pages), else new
+        (pinned for CUDA, where torch's pinned allocator does the reuse and tracks copies)."""
+        try:
+            spare = self._spares.get_nowait()
+            if spare.dtype == dtype:
+                return spare
+        except queue.Empty:
+            pass
+        return torch.empty(self._capacity, self.source.d_in, dtype=dtype,
+                           pin_memory=self.device.type == "cuda")
+
+    def _read_buffer(self, epoch: int, index: int,
+                     blocks: list[int]) -> tuple[Tensor, int] | None:
+        """Read ``blocks`` into memory in the buffer's shuffled row order: (memory, rows) whose
+        first ``rows`` rows are the buffer; None if stopped."""
         total = sum(self._rows[b] for b in blocks)
         perm = _randperm(total, self.seed, epoch, self.rank, index)
         target = torch.empty_like(perm)
         target[perm] = torch.arange(total)  # row j of the concatenated blocks goes to target[j]
-        buffer, start = None, 0
+        memory, start = None, 0
         for block in blocks:
             if self._stop.is_set():
                 return None
@@ -185,14 +219,14 @@ class ActivationLoader:
             if tuple(rows.shape) != (self._rows[block], self.source.d_in):
                 raise ValueError(f"block {block} has shape {tuple(rows.shape)}, the source "
                                  f"announced ({self._rows[block]}, {self.source.d_in})")
-            if buffer is None:
-                buffer = torch.empty(total, self.source.d_in, dtype=rows.dtype,
-                                     pin_memory=self.device.type == "cuda")
-            buffer.index_copy_(0, target[start:start + len(rows)], rows.to(buffer.dtype))
+            if memory is None:
+                memory = self._memory(rows.dtype)
+            _scatter_rows(memory, target[start:start + len(rows)], rows.to(memory.dtype))
             start += len(rows)
-        return buffer
+        assert memory is not None
+        return memory, total
 
-    def _put(self, item: Tensor | _Failure) -> bool:
+    def _put(self, item: tuple[Tensor, int] | _Failure) -> bool:
         """Put ``item`` on the queue unless the loader is stopped; False when stopped."""
         while not self._stop.is_set():
             try:
@@ -216,8 +250,8 @@ class ActivationLoader:
         except BaseException as error:  # handed to the consumer, which re-raises it
             self._put(_Failure(error))
 
-    def _next_buffer(self) -> Tensor | None:
-        """The next buffer from the prefetch thread; re-raises its error; None once closed."""
+    def _next_buffer(self) -> tuple[Tensor, int] | None:
+        """The next (memory, rows) from the prefetch thread; re-raises its error; None if closed."""
         while not self._stop.is_set():
             try:
                 item = self._queue.get(timeout=_POLL_S)
@@ -251,19 +285,25 @@ class ActivationLoader:
     def _batches(self) -> Iterator[Tensor]:
         """Cut the buffers into batches; batches span buffer and epoch boundaries."""
         try:
-            buffer = self._next_buffer()
-            position = self._start()[2]
-            while buffer is not None:
-                parts, need = [], self.batch_size
+            position, item = self._start()[2], self._next_buffer()
+            while item is not None:
+                parts, done, need = [], [], self.batch_size
                 while need:
-                    if position == len(buffer):
-                        buffer, position = self._next_buffer(), 0
-                        if buffer is None:
+                    memory, rows = item
+                    if position == rows:
+                        done.append(memory)
+                        item, position = self._next_buffer(), 0
+                        if item is None:
                             return
-                    take = min(need, len(buffer) - position)
-                    parts.append(buffer[position:position + take])
+                        memory, rows = item
+                    take = min(need, rows - position)
+                    parts.append(memory[position:position + take])
                     position, need = position + take, need - take
-                yield self._assemble(parts)
+                batch = self._assemble(parts)
+                if self.device.type == "cpu":  # the batch is a copy: consumed memory is free
+                    for memory in done:
+                        self._spares.put(memory)
+                yield batch
         finally:
             self.close()
 
@@ -274,6 +314,8 @@ class ActivationLoader:
             self._thread.join()
         while not self._queue.empty():
             self._queue.get_nowait()
+        while not self._spares.empty():
+            self._spares.get_nowait()
 
     def __enter__(self) -> ActivationLoader:
         return self
