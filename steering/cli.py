@@ -126,3 +126,7 @@ def main() -> None:
     """Entry point of the `steer` program."""
     _add_entry_point_groups(app)
     app()
+
+
+if __name__ == "__main__":  # `python -m steering.cli …`, e.g. under torchrun
+    main()

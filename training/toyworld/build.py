@@ -27,7 +27,7 @@ CLASSIFIER_DIR = "toy-classifier"
 EVAL_FILE = "toyworld-eval.json"
 
 
-class _Timer:
+class StageTimer:
     """Wall time per stage, accumulated across resumed runs in work_dir/times.json."""
 
     def __init__(self, path: Path) -> None:
@@ -89,7 +89,7 @@ def build(
     """Build (or resume building) the toy pipeline and classifier into ``out_dir``."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timer = _Timer(work_dir / "times.json")
+    timer = StageTimer(work_dir / "times.json")
     runs = _record_run(work_dir, {"seed": seed, "vae_steps": vae_steps,
                                   "classifier_steps": classifier_steps, "unet_steps": unet_steps,
                                   "unet_scenes": unet_scenes})

@@ -32,3 +32,27 @@ def build(
     typer.echo(f"built {out}: full-caption shape/colour/background "
                f"{full['shape']:.3f}/{full['colour']:.3f}/{full['background']:.3f}; "
                f"see {out / 'BUILD.md'}")
+
+
+@app.command()
+def bundle(
+    pipeline: Path = typer.Option(Path("assets/toy-pipeline"), help="The toy pipeline folder."),
+    classifier: Path = typer.Option(Path("assets/toy-classifier"), help="The judge."),
+    out: Path = typer.Option(Path("assets/toy-bundle"), help="Bundle folder to write."),
+    work_dir: Path = typer.Option(Path("toyworld-build/bundle"),
+                                  help="Stores, SAE checkpoints, tables (resume from here)."),
+    preset: str = typer.Option("toy", help="SAE training preset (steer train --preset)."),
+    train_steps: int = typer.Option(None, help="Override the preset's step count."),
+    seed: int = typer.Option(0, help="Seed of the SAE training."),
+    check_count: int = typer.Option(8, help="Seeds per concept in the removal check."),
+) -> None:
+    """Run the training chain on the toy world into a steering bundle; rerun to resume."""
+    from training.toyworld.bundle_build import build_bundle
+    from training.toyworld.bundle_report import write_bundle_report
+
+    results = build_bundle(pipeline, classifier, out, work_dir, preset, train_steps, seed,
+                           check_count)
+    write_bundle_report(out, results)
+    h = results["heldout"]
+    typer.echo(f"built {out}: held-out FVU {h['fvu']:.3f}, L0 {h['l0']:.2f}, "
+               f"dead {h['dead_pct']:.2f} %; see {out / 'BUILD.md'}")
