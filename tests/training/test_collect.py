@@ -107,8 +107,12 @@ def test_captured_rows_are_the_cond_half_at_the_hook(pipe, prompts_file):
     finally:
         handle.remove()
     (_, got), = capture_activations(pipe, [prompt], 3, 4.0, 32, 32, [0, 2], batch_size=1)
-    want = torch.cat([seen[0][0], seen[2][0]]).half()
-    assert torch.equal(got, want)
+    assert torch.equal(got, torch.cat([seen[0][0], seen[2][0]]).half())
+    # Steps after the last captured one are skipped (diffusers' interrupt); same rows.
+    (_, first), = capture_activations(pipe, [prompt], 3, 4.0, 32, 32, [1, 0], batch_size=1)
+    assert torch.equal(first, torch.cat([seen[0][0], seen[1][0]]).half())
+    with pytest.raises(ValueError, match="captured steps"):
+        next(capture_activations(pipe, [prompt], 3, 4.0, 32, 32, [3], batch_size=1))
 
 
 DRIVER = """

@@ -132,12 +132,22 @@ def probe_hook_point(pipe: Any, height: int, width: int,
     return h * w, c
 
 
+def _kept_steps(captured_steps: Sequence[int] | None, steps: int) -> list[int]:
+    """Sorted captured step indices (all when None); ValueError if empty or out of range."""
+    kept = list(range(steps)) if captured_steps is None else sorted(set(captured_steps))
+    if not kept or not 0 <= kept[0] <= kept[-1] < steps:
+        raise ValueError(f"captured steps {kept} must be non-empty step indices in "
+                         f"0..{steps - 1}")
+    return kept
+
+
 class _StepBuffer:
     """Sink of CaptureHook: keeps the captured steps of one call, [B, S, tokens, d] fp16."""
 
     def __init__(self, slot: dict[int, int]) -> None:
         self.slot = slot
         self.data: Tensor | None = None
+        self.filled = 0
 
     def __call__(self, step: int, timestep: int, x: Tensor) -> None:
         j = self.slot.get(step)
@@ -147,6 +157,7 @@ class _StepBuffer:
             self.data = torch.empty(x.shape[0], len(self.slot), *x.shape[1:],
                                     dtype=torch.float16, device=x.device)
         self.data[:, j].copy_(x)
+        self.filled += 1
 
 
 def capture_activations(pipe: Any, prompts: Sequence[PromptRecord], steps: int, guidance: float,
@@ -158,7 +169,7 @@ def capture_activations(pipe: Any, prompts: Sequence[PromptRecord], steps: int, 
     ``hook_point``: CPU float16 [len(captured_steps) · tokens, d_in] in (step, token) order."""
     ensure_ddim(pipe)
     pipe.set_progress_bar_config(disable=True)
-    kept = list(range(steps)) if captured_steps is None else sorted(set(captured_steps))
+    kept = _kept_steps(captured_steps, steps)
     slot = {s: j for j, s in enumerate(kept)}
     last = kept[-1]
     cfg = guidance > 1.0
@@ -183,8 +194,10 @@ def capture_activations(pipe: Any, prompts: Sequence[PromptRecord], steps: int, 
                  generator=[torch.Generator().manual_seed(p.seed) for p in batch],
                  output_type="latent",
                  callback_on_step_end=stop_after_last if last < steps - 1 else None)
-        if buffer.data is None:
-            raise CollectError(f"the pipeline never called {hook_point!r}")
+        if buffer.filled != len(kept):
+            raise CollectError(f"{hook_point!r} ran at {buffer.filled} of the {len(kept)} "
+                               "captured steps; is this a StableDiffusionPipeline?")
+        assert buffer.data is not None
         acts = buffer.data.cpu()
         for i, record in enumerate(batch):
             yield record, acts[i].reshape(-1, acts.shape[-1])
@@ -197,7 +210,7 @@ def plan_store(pipe: Any, records: Sequence[PromptRecord], prompts_sha256: str, 
     """The manifest of the store these settings produce (one short probe of the UNet)."""
     ensure_ddim(pipe)
     timesteps = schedule_timesteps(pipe, steps)
-    kept = list(range(steps)) if captured_steps is None else sorted(set(captured_steps))
+    kept = _kept_steps(captured_steps, steps)
     tokens, d_in = probe_hook_point(pipe, height, width, hook_point)
     return StoreManifest(
         format_version=FORMAT_VERSION, d_in=d_in, dtype="float16", hook_point=hook_point,
