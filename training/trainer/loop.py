@@ -25,7 +25,7 @@ from steering.sae import SaeConfig, TopKSAE
 from training.trainer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from training.trainer.config import TrainConfig
 from training.trainer.distributed import DistEnv, init_distributed
-from training.trainer.geometric_median import geometric_median
+from training.trainer.init import initialise_from_sample
 from training.trainer.metrics import MetricsWriter
 from training.trainer.step import TrainStep
 
@@ -65,14 +65,13 @@ def new_sae(cfg: TrainConfig, device: torch.device | str) -> TopKSAE:
     return sae.to(device)
 
 
-def init_decoder_bias(trainer: TrainStep, stream: Iterator[Tensor]) -> Iterator[Tensor]:
-    """Set b_dec to the geometric median of the first global batches; returns the stream
-    with those batches put back in front (they are trained on as usual)."""
+def init_from_first_batches(trainer: TrainStep, stream: Iterator[Tensor]) -> Iterator[Tensor]:
+    """b_dec and the encoder scale from the first global batches (gathered over ranks);
+    returns the stream with those batches put back in front (they are trained on as usual)."""
     cfg, env = trainer.cfg, trainer.env
     head = [next(stream) for _ in range(math.ceil(cfg.geometric_median_rows / cfg.batch_size))]
     sample = env.all_gather_rows(torch.cat(head))
-    with torch.no_grad():
-        trainer.sae.b_dec.copy_(geometric_median(sample).to(trainer.sae.b_dec.dtype))
+    initialise_from_sample(trainer.sae, sample, trainer.pre)
     return itertools.chain(head, stream)
 
 
@@ -128,7 +127,7 @@ def fit(cfg: TrainConfig, batches: BatchStream, out_dir: str | Path, env: DistEn
 
     with batches(start) as stream:
         if start == 0:
-            stream = init_decoder_bias(trainer, stream)
+            stream = init_from_first_batches(trainer, stream)
         _run(trainer, stream, start, end, out_dir, progress)
     if end == cfg.total_steps and env.is_main:
         save_sae(trainer.sae, out_dir)

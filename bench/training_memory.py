@@ -1,0 +1,137 @@
+"""Peak unique memory (USS) of `steer train`'s loop on a store at 1× vs 8× the dataset size.
+
+Builds two stores of random float16 rows in the store format (H1's ShardWriter), 1× and 8×
+the rows, then trains the same SAE with the same steps and batch on each, every run in a
+fresh child process whose USS (psutil: private pages, so page-cache pages of the memmapped
+shards shared with nobody else still count once touched) the parent samples every 50 ms.
+The steps are chosen so the 8× run reads its whole store once (the 1× run reads its store
+8 times): memory must not grow with the rows a run touches. Target: peak USS 8× / 1× ≤ 1.1.
+
+Run: ``.venv/bin/python bench/training_memory.py`` (``--rows 32768`` for a quick look).
+Prints one JSON line and writes bench/results/training_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results" / "training_memory.json"
+D_IN, TOKENS_PER_STEP, STEPS_PER_PROMPT, PROMPTS_PER_SHARD = 256, 256, 4, 32
+ROWS_PER_PROMPT = TOKENS_PER_STEP * STEPS_PER_PROMPT
+TRAIN = dict(num_latents=2048, k=16, batch_size=4096, buffer_blocks=8, chunk_rows=4096,
+             checkpoint_every=10_000, log_every=50, warmup_steps=10)
+
+
+def build_store(directory: Path, rows: int, seed: int) -> None:
+    """A complete store of ``rows`` random float16 rows (reused when already there)."""
+    from training.activations.prompts import PromptRecord, write_prompts
+    from training.activations.store import (
+        FORMAT_VERSION,
+        ActivationStore,
+        ShardWriter,
+        StoreError,
+        StoreManifest,
+        atomic_write,
+    )
+
+    prompts = rows // ROWS_PER_PROMPT
+    try:
+        store = ActivationStore.open(directory)
+        if store.complete and store.num_rows == prompts * ROWS_PER_PROMPT:
+            return
+    except (StoreError, FileNotFoundError):
+        pass
+    manifest = StoreManifest(
+        format_version=FORMAT_VERSION, d_in=D_IN, dtype="float16", hook_point="bench",
+        pipeline_fingerprint="bench", scheduler={}, num_inference_steps=STEPS_PER_PROMPT,
+        guidance_scale=7.5, height=128, width=128, tokens_per_step=TOKENS_PER_STEP,
+        timesteps=list(range(STEPS_PER_PROMPT)), captured_steps=list(range(STEPS_PER_PROMPT)),
+        prompts_sha256="bench", num_prompts=prompts, prompts_per_shard=PROMPTS_PER_SHARD,
+        num_shards=-(-prompts // PROMPTS_PER_SHARD), command="bench/training_memory.py")
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "store.json", manifest.to_json().encode())
+    write_prompts(directory / "prompts.jsonl",
+                  [PromptRecord(i, f"bench {i}", {}, i) for i in range(prompts)])
+    rng = np.random.default_rng(seed)
+    for shard in range(manifest.num_shards):
+        writer = ShardWriter(directory, manifest, shard)
+        for pid in manifest.shard_prompts(shard):
+            writer.write_prompt(pid, rng.standard_normal((ROWS_PER_PROMPT, D_IN), np.float32))
+        writer.commit()
+
+
+def child(store: Path, out: Path, steps: int) -> None:
+    """The measured process: train_sae on the store (no progress bar)."""
+    from training.activations.loader import MemmapSource
+    from training.activations.store import ActivationStore
+    from training.trainer import TrainConfig, train_sae
+
+    cfg = TrainConfig(d_in=D_IN, total_steps=steps, **TRAIN)  # type: ignore[arg-type]
+    source = MemmapSource([ActivationStore.open(store)], chunk_rows=cfg.chunk_rows)
+    train_sae(cfg, source, out, progress=False)
+
+
+def measure(store: Path, out: Path, steps: int) -> dict[str, float]:
+    """Run the child on ``store`` and sample its USS/RSS until it exits."""
+    cmd = [sys.executable, __file__, "--child", str(store), str(out), str(steps)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    watched = psutil.Process(proc.pid)
+    peak_uss = peak_rss = 0
+    while proc.poll() is None:
+        try:
+            info = watched.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            break
+        peak_uss, peak_rss = max(peak_uss, info.uss), max(peak_rss, info.rss)
+        time.sleep(0.05)
+    if proc.wait() != 0:
+        raise SystemExit(f"training child failed on {store}")
+    return {"peak_uss_mib": peak_uss / 2**20, "peak_rss_mib": peak_rss / 2**20,
+            "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    """Build both stores, measure both runs, print and write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=131_072, help="Rows of the 1× store.")
+    ap.add_argument("--work-dir", type=Path, default=None, help="Where the stores go "
+                    "(kept for reruns) [default: a temporary folder]")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        small, big = work / "store-1x", work / "store-8x"
+        build_store(small, args.rows, seed=1)
+        build_store(big, 8 * args.rows, seed=8)
+        steps = 8 * args.rows // TRAIN["batch_size"]
+        runs = {name: measure(store, Path(tmp) / f"run-{name}", steps)
+                for name, store in (("1x", small), ("8x", big))}
+    report = {
+        "d_in": D_IN, **TRAIN, "steps": steps, "rows_1x": args.rows, "rows_8x": 8 * args.rows,
+        "store_mib_1x": args.rows * D_IN * 2 / 2**20,
+        "store_mib_8x": 8 * args.rows * D_IN * 2 / 2**20,
+        "runs": runs,
+        "uss_ratio_8x_over_1x": runs["8x"]["peak_uss_mib"] / runs["1x"]["peak_uss_mib"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
