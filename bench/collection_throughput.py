@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--pipeline", type=Path, default=REPO / "assets" / "toy-pipeline")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" /
                     "collection_throughput.json")
