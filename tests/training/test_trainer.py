@@ -119,6 +119,20 @@ def test_sparse_encode_gradients_match_dense_autograd(with_dead: bool) -> None:
     assert torch.allclose(v.sort(dim=1).values, enc.values.sort(dim=1).values, atol=1e-6)
 
 
+def test_bf16_scratch_runs_the_gemm_in_bf16_and_keeps_float32_gradients() -> None:
+    torch.manual_seed(0)
+    sae = TopKSAE(SaeConfig(d_in=16, num_latents=64, k=4))
+    x = torch.randn(32, 16)
+    den = (x - x.mean(0)).pow(2).sum()
+    ref_fvu, _, ref = sae_losses(sae, x, den, torch.empty(32, 64), None, 8)
+    fvu, _, enc = sae_losses(sae, x, den, torch.empty(32, 64, dtype=torch.bfloat16), None, 8)
+    fvu.backward()
+    assert enc.values.dtype == torch.float32 and sae.encoder.weight.grad.dtype == torch.float32
+    assert fvu.item() == pytest.approx(ref_fvu.item(), rel=0.05)
+    same = (enc.indices.sort(1).values == ref.indices.sort(1).values).float().mean()
+    assert same > 0.9
+
+
 def test_decoder_gradient_orthogonal_and_rows_unit_norm_after_steps() -> None:
     cfg = tiny_cfg()
     trainer = TrainStep(cfg, new_sae(cfg, "cpu"), CPU)

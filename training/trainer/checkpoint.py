@@ -66,7 +66,8 @@ def load_checkpoint(out_dir: str | Path, trainer: TrainStep) -> int:
     """Restore ``trainer`` from the run's latest checkpoint; returns the step to continue at."""
     path = checkpoint_path(out_dir)
     try:
-        state = torch.load(path, map_location=trainer.env.device, weights_only=False)
+        # On CPU: the RNG states must stay CPU tensors; load_state_dict/copy_ move the rest.
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a torn or foreign file: say which and what to do
         raise RuntimeError(f"cannot read checkpoint {path} ({exc}); delete it to start over "
                            "or point --out at another run") from exc
