@@ -228,7 +228,7 @@ def test_resume_is_bit_exact_and_logs_are_written(tmp_path: Path) -> None:
 def test_presets_and_overrides() -> None:
     assert {"smoke", "toy", "sd14-a100", "sd14-h100"} <= set(PRESETS)
     toy = get_preset("toy").config()
-    assert (toy.d_in, toy.num_latents, toy.k, toy.batch_size) == (64, 1024, 8, 4096)
+    assert (toy.d_in, toy.num_latents, toy.k, toy.batch_size) == (64, 2048, 8, 4096)
     sd = get_preset("sd14-h100").config(total_steps=10)
     assert (sd.d_in, sd.num_latents, sd.k, sd.bf16, sd.total_steps) == (1280, 20480, 32, True, 10)
     assert get_preset("toy").config(d_in=32, num_latents=100, lr=None).num_latents == 100
