@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo bench toyworld clean
+.PHONY: install test lint demo bench toyworld toy-bundle clean
 
 install: $(STAMP)
 
@@ -31,12 +31,21 @@ test: install lint
 demo: install
 	$(BIN)/steer generate --prompt "a red circle on a striped background" --n-images 8 --out out/demo
 
+# Benchmarks print one JSON line each and write bench/results/ (ratios measured side by side).
 bench: install
 	$(BIN)/python bench/steering_overhead.py
+	$(BIN)/python bench/collection_throughput.py
+	$(BIN)/python bench/loader_throughput.py
+	$(BIN)/python bench/sae_training_vs_sparsify.py
+	$(BIN)/python bench/training_memory.py
 
 # Rebuild assets/ from scratch (about an hour on 2 CPU cores; rerun to resume).
 toyworld: install
 	$(BIN)/steer toyworld build --out assets --work-dir toyworld-build
+
+# Rebuild assets/toy-bundle with the training chain (about 30 min on 2 CPU cores; resumes).
+toy-bundle: install
+	$(BIN)/steer toyworld bundle --out assets/toy-bundle --work-dir toyworld-build/bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

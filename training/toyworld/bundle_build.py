@@ -1,7 +1,8 @@
 """`steer toyworld bundle`: the whole training chain on the toy world → assets/toy-bundle.
 
 prompts → `collect` (three stores) → `train` (preset ``toy``) → held-out FVU → `importance`
-→ `export` → a judged removal check per concept → BUILD.md. Each stage resumes from
+→ per-kind defaults tuned on tuning seeds → `export` → a judged removal check per concept on
+other seeds → BUILD.md. Each stage resumes from
 ``work_dir`` (collection by shard, training from its checkpoint), so rerunning continues.
 """
 
@@ -14,23 +15,20 @@ from pathlib import Path
 
 import torch
 
-from steering.bundle import SteeringBundle
+from steering.bundle import SteeringBundle, sha256_file
 from steering.pipeline import SteeredPipeline
 from training.toyworld.build import StageTimer, load_pipeline
 from training.toyworld.classifier import AttributeClassifier
 from training.toyworld.evaluate import EVAL_GUIDANCE, EVAL_STEPS
 from training.toyworld.prompt_sets import write_prompt_sets
-from training.toyworld.steering_check import removal_table
+from training.toyworld.steering_check import removal_table, tune_kind_defaults
 from training.toyworld.world import KINDS
 
-# Steering defaults written into the toy bundle's manifest, per kind (issue 7's sweep
-# replaces them). gamma_range bounds what the API accepts.
-KIND_DEFAULTS = {
-    "colour": {"default_gamma": 20.0, "gamma_range": [0.5, 100.0], "default_percentile": 99.0},
-    "shape": {"default_gamma": 20.0, "gamma_range": [0.5, 100.0], "default_percentile": 99.0},
-    "background": {"default_gamma": 20.0, "gamma_range": [0.5, 100.0],
-                   "default_percentile": 99.0},
-}
+# Steering defaults are tuned per kind on tuning seeds (steering_check.TUNE_SEED_BASE) over
+# this grid; gamma_range bounds what the API accepts. Issue 7's evaluation replaces this.
+TUNE_GAMMAS = (3.0, 10.0, 30.0)
+TUNE_PERCENTILES = (98.0, 99.0, 99.5)
+GAMMA_RANGE = [0.5, 100.0]
 
 
 def _collect_all(pipe, prompt_files: dict[str, Path], stores_dir: Path) -> dict[str, Path]:
@@ -103,12 +101,30 @@ def build_bundle(pipeline_dir: Path, classifier_dir: Path, out: Path, work_dir: 
     tables_path = work_dir / "importance.safetensors"
     timer.run("importance", lambda: _importance(sae_dir, stores["importance"], tables_path,
                                                 work_dir / "plots"))
-    spec = ConceptsSpec.from_dict({"kinds": KIND_DEFAULTS})
-    timer.run("export", lambda: export_bundle(sae_dir / "sae", tables_path,
-                                              stores["importance"], out, spec, command=command))
-    bundle = SteeringBundle.load(out)
-    steered = SteeredPipeline(pipe, bundle)
     classifier = AttributeClassifier.from_pretrained(classifier_dir)
+
+    def export(kinds: dict[str, dict]) -> SteeredPipeline:
+        spec = ConceptsSpec.from_dict({"defaults": {"gamma_range": GAMMA_RANGE}, "kinds": kinds})
+        export_bundle(sae_dir / "sae", tables_path, stores["importance"], out, spec,
+                      command=command)
+        return SteeredPipeline(pipe, SteeringBundle.load(out))
+
+    tuning_path = work_dir / "tuning.json"
+    tables_sha = sha256_file(tables_path)
+    saved = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
+    if saved.get("tables_sha256") == tables_sha:  # resume: these tables are tuned already
+        tuning = saved["kinds"]
+    else:
+        steered = export({})
+        tuning = timer.run("tune", lambda: {
+            kind: tune_kind_defaults(steered, classifier, members, TUNE_GAMMAS,
+                                     TUNE_PERCENTILES)
+            for kind, members in KINDS.items()})
+        tuning_path.write_text(json.dumps({"tables_sha256": tables_sha, "kinds": tuning},
+                                          indent=2))
+    steered = timer.run("export", lambda: export({
+        kind: {"default_gamma": t["gamma"], "default_percentile": t["percentile"]}
+        for kind, t in tuning.items()}))
     concepts = [c for members in KINDS.values() for c in members]
     check = timer.run("check", lambda: removal_table(steered, classifier, concepts,
                                                      count=check_count))
@@ -116,6 +132,7 @@ def build_bundle(pipeline_dir: Path, classifier_dir: Path, out: Path, work_dir: 
         "command": command,
         "train_config": cfg.to_dict(),
         "heldout": heldout,
+        "tuning": tuning,
         "removal_check": check,
         "stores": {n: _store_summary(p) for n, p in stores.items()},
         "seconds": timer.times,

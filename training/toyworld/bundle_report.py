@@ -12,6 +12,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _tuning_row(kind: str, chosen: dict, g: dict) -> str:
+    mark = " chosen" if (g["gamma"], g["percentile"]) == (chosen["gamma"],
+                                                           chosen["percentile"]) else ""
+    return (f"| {kind}{mark} | {g['gamma']:g} | {g['percentile']:g} | {g['removed']:.2f} | "
+            f"{g['kept']:.2f} |")
+
+
 def write_bundle_report(out: Path, r: dict) -> Path:
     """Write ``out/BUILD.md`` from the results dict of ``build_bundle``."""
     cfg, h = r["train_config"], r["heldout"]
@@ -55,6 +62,17 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         f"| mean L0 | {h['l0']:.2f} | close to k = {cfg['k']} (ReLU before TopK allows "
         "fewer) |",
         f"| held-out tokens | {h['rows']:,} | |",
+        "",
+        "## Default γ and percentile per kind",
+        "",
+        "Tuned on tuning seeds (800000+, never the check's) over the grid below: for each "
+        "setting, the mean over the kind's concepts of the share of images where the concept "
+        "was removed plus the share where the other attributes were kept; the best setting "
+        "goes into manifest.json. Issue 7's evaluation replaces this small sweep.",
+        "",
+        "| kind | γ | percentile | removed | kept |",
+        "|---|---|---|---|---|",
+        *[_tuning_row(kind, t, g) for kind, t in r["tuning"].items() for g in t["grid"]],
         "",
         "## Removal check (classifier as judge)",
         "",

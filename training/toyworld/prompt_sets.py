@@ -76,7 +76,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def write_prompt_sets(directory: Path, seeds_per_combo: int = 8, varied: int = 384,
+def write_prompt_sets(directory: Path, seeds_per_combo: int = 8, varied: int = 1536,
                       heldout_per_combo: int = 1, heldout_varied: int = 48) -> dict[str, Path]:
     """Write importance.jsonl, sae.jsonl and heldout.jsonl under ``directory``."""
     combos = len(SHAPES) * len(COLOURS) * len(BACKGROUNDS)

@@ -19,6 +19,7 @@ from training.toyworld.classifier import AttributeClassifier
 from training.toyworld.world import KINDS, kind_of
 
 CHECK_SEED_BASE = 900_000  # disjoint from the bundle's collection seeds (prompt_sets.py)
+TUNE_SEED_BASE = 800_000  # defaults are tuned here, never on the check seeds
 
 
 def asking_prompts(concept: str, count: int) -> list[tuple[str, dict[str, str]]]:
@@ -35,6 +36,26 @@ def asking_prompts(concept: str, count: int) -> list[tuple[str, dict[str, str]]]
     return prompts
 
 
+def _predict(steered: SteeredPipeline, classifier: AttributeClassifier,
+             prompts: Sequence[tuple[str, dict[str, str]]], seed_base: int,
+             edits: tuple[ConceptEdit, ...], steps: int, guidance: float) -> list[dict[str, str]]:
+    """Classifier predictions for one image per prompt (seed = seed_base + i)."""
+    images = [steered.generate(GenerationRequest(prompt=p, seed=seed_base + i, steps=steps,
+                                                 guidance=guidance, edits=edits)).images[0]
+              for i, (p, _) in enumerate(prompts)]
+    return classifier.predict(images)
+
+
+def _rates(concept: str, prompts: Sequence[tuple[str, dict[str, str]]],
+           preds: Sequence[dict[str, str]]) -> tuple[float, float]:
+    """(share showing ``concept``, share keeping every other prompted attribute)."""
+    kind = kind_of(concept)
+    present = [p[kind] == concept for p in preds]
+    kept = [all(p[k] == v for k, v in labels.items() if k != kind)
+            for p, (_, labels) in zip(preds, prompts, strict=True)]
+    return float(np.mean(present)), float(np.mean(kept))
+
+
 def removal_check(
     steered: SteeredPipeline,
     classifier: AttributeClassifier,
@@ -48,24 +69,17 @@ def removal_check(
 ) -> dict[str, float]:
     """Share of images showing ``concept`` without and with its suppression, and the share
     whose other prompted attributes are kept under steering."""
-    edit = ConceptEdit(concept, gamma=gamma, percentile=percentile)
-    plain_hits, steered_hits, kept = [], [], []
-    for i, (prompt, labels) in enumerate(asking_prompts(concept, count)):
-        base = GenerationRequest(prompt=prompt, seed=seed_base + i, steps=steps,
-                                 guidance=guidance)
-        plain = steered.generate(base).images
-        edited = steered.generate(GenerationRequest(**{**base.__dict__, "edits": (edit,)}))
-        (p_plain,), (p_edit,) = classifier.predict(plain), classifier.predict(edited.images)
-        kind = kind_of(concept)
-        plain_hits.append(p_plain[kind] == concept)
-        steered_hits.append(p_edit[kind] == concept)
-        kept.append(all(p_edit[k] == v for k, v in labels.items() if k != kind))
+    prompts = asking_prompts(concept, count)
+    plain = _predict(steered, classifier, prompts, seed_base, (), steps, guidance)
+    edit = (ConceptEdit(concept, gamma=gamma, percentile=percentile),)
+    edited = _predict(steered, classifier, prompts, seed_base, edit, steps, guidance)
+    present_steered, kept = _rates(concept, prompts, edited)
     return {
         "concept": concept,
         "n": count,
-        "present_plain": float(np.mean(plain_hits)),
-        "present_steered": float(np.mean(steered_hits)),
-        "others_kept_steered": float(np.mean(kept)),
+        "present_plain": _rates(concept, prompts, plain)[0],
+        "present_steered": present_steered,
+        "others_kept_steered": kept,
     }
 
 
@@ -74,3 +88,36 @@ def removal_table(steered: SteeredPipeline, classifier: AttributeClassifier,
     """:func:`removal_check` for several concepts (the bundle's BUILD.md table)."""
     return [removal_check(steered, classifier, c, count, **kwargs) for c in concepts]
 
+
+def tune_kind_defaults(
+    steered: SteeredPipeline,
+    classifier: AttributeClassifier,
+    concepts: Sequence[str],
+    gammas: Sequence[float],
+    percentiles: Sequence[float],
+    count: int = 4,
+    steps: int = 20,
+    guidance: float = 4.0,
+    seed_base: int = TUNE_SEED_BASE,
+) -> dict:
+    """Pick one (γ, percentile) for a kind's concepts on tuning seeds.
+
+    Score = mean over the concepts of (removed share + kept share): a setting that removes
+    the concept by destroying the image scores no better than one that does nothing.
+    Returns the winner and every setting's figures.
+    """
+    grid = []
+    for gamma in gammas:
+        for pct in percentiles:
+            removed, kept = [], []
+            for concept in concepts:
+                prompts = asking_prompts(concept, count)
+                edit = (ConceptEdit(concept, gamma=gamma, percentile=pct),)
+                preds = _predict(steered, classifier, prompts, seed_base, edit, steps, guidance)
+                present, k = _rates(concept, prompts, preds)
+                removed.append(1.0 - present)
+                kept.append(k)
+            grid.append({"gamma": gamma, "percentile": pct, "removed": float(np.mean(removed)),
+                         "kept": float(np.mean(kept))})
+    best = max(grid, key=lambda g: g["removed"] + g["kept"])
+    return {"gamma": best["gamma"], "percentile": best["percentile"], "grid": grid}
