@@ -10,10 +10,12 @@ so a stream is reproducible and ``start_batch`` can seek into it by arithmetic a
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -65,9 +67,11 @@ class TensorSource(BlockSource):
 class MemmapSource(BlockSource):
     """Committed shards of activation stores as blocks of at most ``chunk_rows`` rows.
 
-    A block never crosses a shard, so reading it is one contiguous slice of that shard's memmap.
-    Shard sizes are checked again here (StoreError naming a truncated one); a shard truncated
-    while it is being read cannot be caught (the OS kills the process with SIGBUS).
+    A block never crosses a shard, so reading it is one contiguous ``pread`` of that shard's
+    file into a fresh array. Reads, not a mapping: pages of a mapped file that were touched
+    count in the process's unique memory, which would then grow with the rows read; read
+    pages live only in the page cache. Shard sizes are checked here and on every read
+    (StoreError naming the shard).
     """
 
     def __init__(self, stores: Sequence[ActivationStore], chunk_rows: int = 4096) -> None:
@@ -80,18 +84,20 @@ class MemmapSource(BlockSource):
             names = ", ".join(f"{s.directory} (d_in {s.manifest.d_in})" for s in stores)
             raise ValueError(f"stores with different d_in cannot be mixed: {names}")
         self.d_in = d_ins.pop()
-        self._arrays: list[np.ndarray] = []
-        self._blocks: list[tuple[int, int, int]] = []  # (array index, row start, row end)
+        self._files: list[tuple[Path, int, np.dtype]] = []  # (path, data offset, dtype)
+        self._blocks: list[tuple[int, int, int]] = []  # (file index, row start, row end)
         for store in stores:
             for shard in store.shard_ids():
                 problem = shard_problem(store.directory, store.manifest, shard)
                 if problem is not None:
                     raise StoreError(f"store {store.directory}: " + redo_advice(problem))
                 rows = store.shard_rows(shard)
-                self._arrays.append(_copy_on_write(store.shard_array(shard)))
+                array = store.shard_array(shard)
+                self._files.append((Path(array.filename), array.offset, array.dtype))
+                del array  # drop the mapping: blocks are read with pread
                 for start in range(0, rows, chunk_rows):
                     end = min(start + chunk_rows, rows)
-                    self._blocks.append((len(self._arrays) - 1, start, end))
+                    self._blocks.append((len(self._files) - 1, start, end))
         if not self._blocks:
             names = ", ".join(str(s.directory) for s in stores)
             raise ValueError(f"no committed rows in {names}: run `steer collect` first")
@@ -101,15 +107,19 @@ class MemmapSource(BlockSource):
         return [end - start for _, start, end in self._blocks]
 
     def read_block(self, i: int) -> Tensor:
-        """The block's rows: a zero-copy tensor over one contiguous slice of its shard's memmap."""
-        array, start, end = self._blocks[i]
-        return torch.from_numpy(self._arrays[array][start:end])
-
-
-def _copy_on_write(array: np.memmap) -> np.memmap:
-    """The same file mapping, copy-on-write: writable for torch, writes never reach the file."""
-    return np.memmap(array.filename, dtype=array.dtype, mode="c", offset=array.offset,
-                     shape=array.shape)
+        """The block's rows, read from its shard in one contiguous ``pread``."""
+        file, start, end = self._blocks[i]
+        path, offset, dtype = self._files[file]
+        out = np.empty((end - start, self.d_in), dtype=dtype)
+        want = out.nbytes
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [memoryview(out).cast("B")],
+                            offset + start * self.d_in * dtype.itemsize)
+        if got != want:
+            raise StoreError(f"{path}: short read ({got} of {want} bytes at row {start}); the "
+                             "shard was truncated after the store was opened — delete it and "
+                             "its .json and rerun `steer collect` to redo it")
+        return torch.from_numpy(out)
 
 
 def derive_seed(*parts: int) -> int:
