@@ -224,3 +224,13 @@ def test_truncated_shard_is_named(tmp_path: Path) -> None:
         MemmapSource([store])
     with pytest.raises(StoreError, match=r"00001\.npy is truncated"):
         ActivationStore.open(tmp_path / "s")
+
+
+def test_shard_truncated_while_training_is_named(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", num_prompts=5)
+    source = MemmapSource([ActivationStore.open(tmp_path / "s")], chunk_rows=64)
+    npy = shard_paths(tmp_path / "s", 1)[0]
+    with open(npy, "r+b") as f:  # after the source checked it: a read must still say so
+        f.truncate(npy.stat().st_size - 10)
+    with pytest.raises(StoreError, match=r"00001\.npy: short read"):
+        source.read_block(1)
