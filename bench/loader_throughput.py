@@ -32,51 +32,14 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+from random_store import build_random_store
 
 from training.activations.loader import ActivationLoader, MemmapSource
-from training.activations.prompts import PromptRecord, write_prompts
-from training.activations.store import (
-    FORMAT_VERSION,
-    ActivationStore,
-    ShardWriter,
-    StoreError,
-    StoreManifest,
-    atomic_write,
-)
+from training.activations.store import ActivationStore
 
 D_IN, BATCH, TOKENS_PER_STEP, STEPS_PER_PROMPT = 1280, 4096, 1024, 10
 ROWS_PER_PROMPT = TOKENS_PER_STEP * STEPS_PER_PROMPT
-
-
-def build_store(directory: Path, prompts: int, prompts_per_shard: int) -> ActivationStore:
-    """A store of ``prompts`` × 10 steps × 1024 tokens of random float16 rows; reused if present."""
-    try:
-        store = ActivationStore.open(directory)
-        if store.complete and store.num_rows == prompts * ROWS_PER_PROMPT and \
-                store.manifest.prompts_per_shard == prompts_per_shard:
-            return store
-    except StoreError:
-        pass
-    manifest = StoreManifest(
-        format_version=FORMAT_VERSION, d_in=D_IN, dtype="float16", hook_point="bench",
-        pipeline_fingerprint="bench", scheduler={}, num_inference_steps=STEPS_PER_PROMPT,
-        guidance_scale=7.5, height=512, width=512, tokens_per_step=TOKENS_PER_STEP,
-        timesteps=list(range(STEPS_PER_PROMPT)), captured_steps=list(range(STEPS_PER_PROMPT)),
-        prompts_sha256="bench", num_prompts=prompts, prompts_per_shard=prompts_per_shard,
-        num_shards=-(-prompts // prompts_per_shard), command="bench/loader_throughput.py")
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "store.json", manifest.to_json().encode())
-    write_prompts(directory / "prompts.jsonl",
-                  [PromptRecord(i, f"bench {i}", {}, i) for i in range(prompts)])
-    rng = np.random.default_rng(0)
-    for shard in range(manifest.num_shards):
-        writer = ShardWriter(directory, manifest, shard)
-        for pid in manifest.shard_prompts(shard):
-            writer.write_prompt(pid, rng.standard_normal((ROWS_PER_PROMPT, D_IN), np.float32))
-        writer.commit()
-    return ActivationStore.open(directory)
 
 
 def sequential(store: ActivationStore, epochs: int) -> dict[str, float]:
@@ -121,7 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # baseline's slices
 
-    store = build_store(args.store, max(1, args.rows // ROWS_PER_PROMPT), prompts_per_shard=4)
+    store = build_random_store(args.store, D_IN, max(1, args.rows // ROWS_PER_PROMPT),
+                               TOKENS_PER_STEP, STEPS_PER_PROMPT, prompts_per_shard=4, seed=0,
+                               command="bench/loader_throughput.py")
     sequential(store, 1)  # warm the page cache: both contenders read cached pages
     load_before = os.getloadavg()[0]
     runs: dict[str, list[float]] = {}

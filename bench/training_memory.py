@@ -2,8 +2,9 @@
 
 Builds two stores of random float16 rows in the store format (H1's ShardWriter), 1× and 8×
 the rows, then trains the same SAE with the same steps and batch on each, every run in a
-fresh child process whose USS (psutil: private pages, so page-cache pages of the memmapped
-shards shared with nobody else still count once touched) the parent samples every 50 ms.
+fresh child process whose USS (psutil: private pages; pages of a memory-mapped file count
+once touched, which is why MemmapSource reads blocks with pread) the parent samples every
+50 ms.
 The steps are chosen so the 8× run reads its whole store once (the 1× run reads its store
 8 times): memory must not grow with the rows a run touches. Target: peak USS 8× / 1× ≤ 1.1.
 
@@ -22,52 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
+from random_store import build_random_store
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training_memory.json"
 D_IN, TOKENS_PER_STEP, STEPS_PER_PROMPT, PROMPTS_PER_SHARD = 256, 256, 4, 32
 ROWS_PER_PROMPT = TOKENS_PER_STEP * STEPS_PER_PROMPT
 TRAIN = dict(num_latents=2048, k=16, batch_size=4096, buffer_blocks=8, chunk_rows=4096,
              checkpoint_every=10_000, log_every=50, warmup_steps=10)
-
-
-def build_store(directory: Path, rows: int, seed: int) -> None:
-    """A complete store of ``rows`` random float16 rows (reused when already there)."""
-    from training.activations.prompts import PromptRecord, write_prompts
-    from training.activations.store import (
-        FORMAT_VERSION,
-        ActivationStore,
-        ShardWriter,
-        StoreError,
-        StoreManifest,
-        atomic_write,
-    )
-
-    prompts = rows // ROWS_PER_PROMPT
-    try:
-        store = ActivationStore.open(directory)
-        if store.complete and store.num_rows == prompts * ROWS_PER_PROMPT:
-            return
-    except (StoreError, FileNotFoundError):
-        pass
-    manifest = StoreManifest(
-        format_version=FORMAT_VERSION, d_in=D_IN, dtype="float16", hook_point="bench",
-        pipeline_fingerprint="bench", scheduler={}, num_inference_steps=STEPS_PER_PROMPT,
-        guidance_scale=7.5, height=128, width=128, tokens_per_step=TOKENS_PER_STEP,
-        timesteps=list(range(STEPS_PER_PROMPT)), captured_steps=list(range(STEPS_PER_PROMPT)),
-        prompts_sha256="bench", num_prompts=prompts, prompts_per_shard=PROMPTS_PER_SHARD,
-        num_shards=-(-prompts // PROMPTS_PER_SHARD), command="bench/training_memory.py")
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "store.json", manifest.to_json().encode())
-    write_prompts(directory / "prompts.jsonl",
-                  [PromptRecord(i, f"bench {i}", {}, i) for i in range(prompts)])
-    rng = np.random.default_rng(seed)
-    for shard in range(manifest.num_shards):
-        writer = ShardWriter(directory, manifest, shard)
-        for pid in manifest.shard_prompts(shard):
-            writer.write_prompt(pid, rng.standard_normal((ROWS_PER_PROMPT, D_IN), np.float32))
-        writer.commit()
 
 
 def child(store: Path, out: Path, steps: int) -> None:
@@ -116,8 +79,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         small, big = work / "store-1x", work / "store-8x"
-        build_store(small, args.rows, seed=1)
-        build_store(big, 8 * args.rows, seed=8)
+        for path, rows, seed in ((small, args.rows, 1), (big, 8 * args.rows, 8)):
+            build_random_store(path, D_IN, rows // ROWS_PER_PROMPT, TOKENS_PER_STEP,
+                               STEPS_PER_PROMPT, PROMPTS_PER_SHARD, seed,
+                               command="bench/training_memory.py", side=128)
         steps = 8 * args.rows // TRAIN["batch_size"]
         runs = {name: measure(store, Path(tmp) / f"run-{name}", steps)
                 for name, store in (("1x", small), ("8x", big))}
