@@ -69,6 +69,13 @@ class Preset:
         return TrainConfig(**values)
 
 
+_SD14_A100 = Preset(
+    "sd14-a100", "SD-1.4 up1.1 on one A100: one pass over an 80k-prompt × 50-step store "
+    "(≈ 1.0 B tokens)",
+    d_in=1280, expansion=16, k=32, batch_size=4096, total_steps=250_000, warmup_steps=1000,
+    lr=4e-4, dead_tokens=10_000_000, checkpoint_every=5000, log_every=100, buffer_blocks=64,
+    chunk_rows=4096, geometric_median_rows=16384, device="cuda", bf16=True, hardware=A100)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("smoke", "seconds on a laptop: checks the plumbing, not the SAE",
            d_in=64, expansion=4, k=4, batch_size=256, total_steps=20, warmup_steps=2, lr=1e-3,
@@ -80,18 +87,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            d_in=64, expansion=32, k=8, batch_size=4096, total_steps=6000, warmup_steps=100,
            lr=1e-3, dead_tokens=2_000_000, checkpoint_every=500, log_every=50,
            buffer_blocks=32, chunk_rows=4096, geometric_median_rows=16384),
-    Preset("sd14-a100", "SD-1.4 up1.1 on one A100: one pass over an 80k-prompt × 50-step store "
-           "(≈ 1.0 B tokens)",
-           d_in=1280, expansion=16, k=32, batch_size=4096, total_steps=250_000,
-           warmup_steps=1000, lr=4e-4, dead_tokens=10_000_000, checkpoint_every=5000,
-           log_every=100, buffer_blocks=64, chunk_rows=4096, geometric_median_rows=16384,
-           device="cuda", bf16=True, hardware=A100),
-    Preset("sd14-h100", "SD-1.4 up1.1 on one H100: one pass over an 80k-prompt × 50-step store "
-           "(≈ 1.0 B tokens)",
-           d_in=1280, expansion=16, k=32, batch_size=4096, total_steps=250_000,
-           warmup_steps=1000, lr=4e-4, dead_tokens=10_000_000, checkpoint_every=5000,
-           log_every=100, buffer_blocks=64, chunk_rows=4096, geometric_median_rows=16384,
-           device="cuda", bf16=True, hardware=H100),
+    _SD14_A100,
+    replace(_SD14_A100, name="sd14-h100",
+            description=_SD14_A100.description.replace("A100", "H100"), hardware=H100),
 )}
 
 
