@@ -12,7 +12,7 @@ from training.toyworld.cli import app
 def test_build_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out, work = tmp_path / "assets", tmp_path / "work"
-    args = ["--out", str(out), "--work-dir", str(work), "--vae-steps", "2",
+    args = ["build", "--out", str(out), "--work-dir", str(work), "--vae-steps", "2",
             "--classifier-steps", "2", "--unet-steps", "2", "--unet-scenes", "64",
             "--eval-full", "4", "--eval-per-prompt", "1", "--eval-classifier", "32"]
     first = CliRunner().invoke(app, args)
