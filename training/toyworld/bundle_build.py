@@ -26,7 +26,7 @@ from training.toyworld.world import KINDS
 
 # Steering defaults are tuned per kind on tuning seeds (steering_check.TUNE_SEED_BASE) over
 # this grid; gamma_range bounds what the API accepts. Issue 7's evaluation replaces this.
-TUNE_GAMMAS = (3.0, 10.0, 30.0)
+TUNE_GAMMAS = (3.0, 10.0, 30.0, 60.0)
 TUNE_PERCENTILES = (98.0, 99.0, 99.5)
 GAMMA_RANGE = [0.5, 100.0]
 
@@ -112,16 +112,20 @@ def build_bundle(pipeline_dir: Path, classifier_dir: Path, out: Path, work_dir: 
     tuning_path = work_dir / "tuning.json"
     tables_sha = sha256_file(tables_path)
     saved = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
-    if saved.get("tables_sha256") == tables_sha:  # resume: these tables are tuned already
-        tuning = saved["kinds"]
-    else:
-        steered = export({})
-        tuning = timer.run("tune", lambda: {
-            kind: tune_kind_defaults(steered, classifier, members, TUNE_GAMMAS,
-                                     TUNE_PERCENTILES)
-            for kind, members in KINDS.items()})
-        tuning_path.write_text(json.dumps({"tables_sha256": tables_sha, "kinds": tuning},
+    points: dict[str, dict] = (saved.get("points", {})
+                               if saved.get("tables_sha256") == tables_sha else {})
+
+    def save(kind: str, results: dict[str, dict]) -> None:  # after every grid point
+        points[kind] = results
+        tuning_path.write_text(json.dumps({"tables_sha256": tables_sha, "points": points},
                                           indent=2))
+
+    steered = export({})
+    tuning = timer.run("tune", lambda: {
+        kind: tune_kind_defaults(steered, classifier, members, TUNE_GAMMAS, TUNE_PERCENTILES,
+                                 done=points.get(kind),
+                                 save=lambda r, kind=kind: save(kind, r))
+        for kind, members in KINDS.items()})
     steered = timer.run("export", lambda: export({
         kind: {"default_gamma": t["gamma"], "default_percentile": t["percentile"]}
         for kind, t in tuning.items()}))

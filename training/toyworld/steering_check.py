@@ -8,7 +8,7 @@ baselines) is `steer eval`; this is the build's and the tests' sanity check.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -95,6 +95,8 @@ def tune_kind_defaults(
     concepts: Sequence[str],
     gammas: Sequence[float],
     percentiles: Sequence[float],
+    done: dict[str, dict] | None = None,
+    save: Callable[[dict[str, dict]], None] | None = None,
     count: int = 4,
     steps: int = 20,
     guidance: float = 4.0,
@@ -102,13 +104,17 @@ def tune_kind_defaults(
 ) -> dict:
     """Pick one (γ, percentile) for a kind's concepts on tuning seeds.
 
-    Score = mean over the concepts of (removed share + kept share): a setting that removes
-    the concept by destroying the image scores no better than one that does nothing.
-    Returns the winner and every setting's figures.
+    The product's use is safety ("never return it"), so the winner removes the concepts
+    most often; among settings within 0.05 of that, the one keeping the prompts' other
+    attributes most often. ``done`` holds grid points already measured (resume) and
+    ``save`` is called after each new one. Returns the winner and every point's figures.
     """
-    grid = []
+    results = dict(done or {})
     for gamma in gammas:
         for pct in percentiles:
+            key = f"{gamma:g}/{pct:g}"
+            if key in results:
+                continue
             removed, kept = [], []
             for concept in concepts:
                 prompts = asking_prompts(concept, count)
@@ -117,7 +123,11 @@ def tune_kind_defaults(
                 present, k = _rates(concept, prompts, preds)
                 removed.append(1.0 - present)
                 kept.append(k)
-            grid.append({"gamma": gamma, "percentile": pct, "removed": float(np.mean(removed)),
-                         "kept": float(np.mean(kept))})
-    best = max(grid, key=lambda g: g["removed"] + g["kept"])
+            results[key] = {"gamma": gamma, "percentile": pct,
+                            "removed": float(np.mean(removed)), "kept": float(np.mean(kept))}
+            if save is not None:
+                save(results)
+    grid = [results[f"{g:g}/{p:g}"] for g in gammas for p in percentiles]
+    top = max(g["removed"] for g in grid)
+    best = max((g for g in grid if g["removed"] >= top - 0.05), key=lambda g: g["kept"])
     return {"gamma": best["gamma"], "percentile": best["percentile"], "grid": grid}
