@@ -57,11 +57,13 @@ def generate(
     from steering.pipeline import GenerationRequest, SteeredPipeline
     from steering.sheet import grid, side_by_side
 
-    pipeline = pipeline or _default("toy-pipeline")
     if pipeline is None:
-        raise typer.BadParameter("no --pipeline given and assets/toy-pipeline is missing "
-                                 "(rebuild it with `steer toyworld build`)")
-    bundle = bundle or _default("toy-bundle")
+        pipeline = _default("toy-pipeline")
+        if pipeline is None:
+            raise typer.BadParameter("no --pipeline given and assets/toy-pipeline is missing "
+                                     "(rebuild it with `steer toyworld build`)")
+        # The toy bundle only fits the toy pipeline: another --pipeline needs its own --bundle.
+        bundle = bundle or _default("toy-bundle")
     if concept and bundle is None:
         raise typer.BadParameter("concept edits need a steering bundle: pass --bundle")
     if size is not None and size % 8:
