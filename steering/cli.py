@@ -42,7 +42,7 @@ def generate(
     pipeline: Path | None = typer.Option(
         None, help="Local SD-1.x pipeline folder [default: assets/toy-pipeline]."),
     bundle: Path | None = typer.Option(
-        None, help="Steering bundle folder [default: assets/toy-bundle when present]."),
+        None, help="Steering bundle folder [default: assets/toy-bundle with the toy pipeline]."),
     seed: int = typer.Option(0, help="Image i uses seed + i."),
     steps: int = typer.Option(20, min=1, max=500),
     guidance: float = typer.Option(4.0, min=0.0),
