@@ -67,6 +67,17 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def ensure_ddim(pipe: StableDiffusionPipeline) -> None:
+    """Switch the pipeline to DDIM (the scheduler bundles are made for) unless it uses it."""
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def pipeline_default_size(pipe: StableDiffusionPipeline) -> int:
+    """Image side the UNet was trained for (512 for SD-1.x, 32 for the toy)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
 class SteeredPipeline:
     """Generation with SAE concept steering at the bundle's hook point (SD: up1.1)."""
 
@@ -75,8 +86,7 @@ class SteeredPipeline:
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(f"only SD-1.x StableDiffusionPipeline is supported, got "
                             f"{type(pipe).__name__}")
-        if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        ensure_ddim(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         hook_point = bundle.manifest.hook_point if bundle is not None else HOOK_POINT
@@ -119,7 +129,7 @@ class SteeredPipeline:
 
     def default_size(self) -> int:
         """Image side the UNet was trained for (512 for SD-1.x, 32 for the toy)."""
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return pipeline_default_size(self.pipe)
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> GenerationResult:

@@ -203,7 +203,7 @@ def add_concept(
     μ_¬c is approximated by the mean of the bundle's μ over its ``kind`` concepts (exact when
     every concept had equally many prompts). Existing concepts' rows are kept as they are.
     """
-    from training.activations.collect import ensure_ddim
+    from steering.pipeline import ensure_ddim, pipeline_default_size
 
     bundle = SteeringBundle.load(bundle_dir)
     m = bundle.manifest
@@ -215,7 +215,7 @@ def add_concept(
     ensure_ddim(pipe)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # pipe's stays as is
     n_steps, captured = match_schedule(scheduler, bundle.tables.timesteps.tolist(), steps)
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or pipeline_default_size(pipe)
     sums = _prompt_sums(bundle.sae, pipe, pos + neg, len(pos), n_steps, captured, guidance,
                         size, batch_size, m.hook_point)
     mu_c = sums[0] / len(pos)

@@ -60,7 +60,7 @@ def register(root: typer.Typer) -> None:
         """Collect fp16 activations at the hook point (cond half) into a resumable store."""
         import torch
 
-        from steering.pipeline import SteeredPipeline
+        from steering.pipeline import SteeredPipeline, pipeline_default_size
         from training.activations.collect import CollectError, collect, parse_steps
         from training.activations.prompts import PromptFileError
         from training.activations.store import StoreError
@@ -81,7 +81,7 @@ def register(root: typer.Typer) -> None:
                                                    dtype=getattr(torch, dtype)).pipe
         except FileNotFoundError as e:
             raise typer.BadParameter(str(e), param_hint="--pipeline") from e
-        side = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        side = size or pipeline_default_size(pipe)
         command = content_command(pipeline, prompts, steps, guidance, side, capture_steps,
                                   prompts_per_shard, batch_size, dtype)
         try:

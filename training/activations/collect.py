@@ -27,6 +27,7 @@ from tqdm import tqdm
 from steering.bundle import scheduler_description
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.hooks import CaptureHook, StepTracker, attached, output_tensor
+from steering.pipeline import ensure_ddim, pipeline_default_size
 from training.activations.prompts import PromptRecord, parse_prompts
 from training.activations.store import (
     FORMAT_VERSION,
@@ -51,19 +52,6 @@ _RECORD_BYTES = 48
 
 class CollectError(RuntimeError):
     """Collection cannot start or go on; the message says why and what to do."""
-
-
-def ensure_ddim(pipe: Any) -> None:
-    """Switch the pipeline to DDIM (as SteeredPipeline does) unless it already uses it."""
-    from diffusers import DDIMScheduler
-
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-
-
-def default_size(pipe: Any) -> int:
-    """Image side the UNet was trained for (512 for SD-1.x, 32 for the toy)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 def schedule_timesteps(pipe: Any, steps: int) -> list[int]:
@@ -410,7 +398,7 @@ def collect(pipe: Any, prompts_path: str | Path, out_dir: str | Path, steps: int
     prompts_path, out = Path(prompts_path), Path(out_dir)
     prompts_bytes = prompts_path.read_bytes()
     records = parse_prompts(prompts_bytes.decode("utf-8"), str(prompts_path))
-    size = default_size(pipe)
+    size = pipeline_default_size(pipe)
     height, width = height or size, width or size
     manifest = plan_store(pipe, records, hashlib.sha256(prompts_bytes).hexdigest(), steps,
                           guidance, height, width, captured_steps, prompts_per_shard, command,

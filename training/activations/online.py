@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from steering.fingerprint import HOOK_POINT
-from training.activations.collect import capture_activations, default_size, plan_store
+from steering.pipeline import pipeline_default_size
+from training.activations.collect import capture_activations, plan_store
 from training.activations.prompts import PromptRecord
 from training.activations.store import StoreManifest
 
@@ -34,7 +35,7 @@ class PipelineSource:
             raise ValueError("prompts_per_block and batch_size must be >= 1")
         self.pipe, self.prompts = pipe, list(prompts)
         self.batch_size, self.hook_point = batch_size, hook_point
-        size = default_size(pipe)
+        size = pipeline_default_size(pipe)
         text = "".join(p.to_json() + "\n" for p in self.prompts)
         #: What a store collected with these settings would record (d_in, timesteps, ...).
         self.manifest: StoreManifest = plan_store(
