@@ -214,6 +214,26 @@ def test_memmap_source_over_two_stores_covers_every_row(tmp_path: Path) -> None:
     assert torch.equal(stream(loader, total).sort().values, torch.arange(total))
 
 
+def test_parallel_reads_give_the_same_stream(tmp_path: Path) -> None:
+    write_store(tmp_path / "a", num_prompts=7)
+    store = ActivationStore.open(tmp_path / "a")
+    one, four = (MemmapSource([store], chunk_rows=10, read_threads=n) for n in (1, 4))
+    assert (one.read_threads, four.read_threads) == (1, 4)
+    a = take(ActivationLoader(one, 50, seed=5, buffer_blocks=6), 20)
+    b = take(ActivationLoader(four, 50, seed=5, buffer_blocks=6), 20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert torch.equal(row_ids(b)[:224].sort().values, torch.arange(224))  # one whole epoch
+
+
+def test_read_error_on_a_read_thread_reaches_the_consumer() -> None:
+    source = CountingSource(indexed_rows(), block_rows=37, fail_on=11)
+    source.read_threads = 3
+    with pytest.raises(OSError, match="block 11"):
+        take(ActivationLoader(source, 64, buffer_blocks=4), 100)
+    assert not prefetch_threads()
+    assert not [t for t in threading.enumerate() if t.name.startswith("activation-read")]
+
+
 def test_truncated_shard_is_named(tmp_path: Path) -> None:
     write_store(tmp_path / "s", num_prompts=5)
     store = ActivationStore.open(tmp_path / "s")
