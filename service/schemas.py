@@ -1,0 +1,129 @@
+"""The API's request and response models (pydantic v2); the job payload is GenerationCreate.
+
+Bounds that depend on the deployment (prompt length, steps, size, n_images) are checked
+against Settings in :func:`check_limits`, so the models stay importable without settings and
+the OpenAPI schema documents the shape.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+from steering.edits import Direction
+
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class ConceptEditIn(BaseModel):
+    """One concept to suppress or amplify; gamma/percentile default to the bundle's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=100, examples=["red"])
+    direction: Direction = Direction.SUPPRESS
+    gamma: float | None = Field(None, description="Strength; 0 turns the edit off; the "
+                                "concept's gamma_range bounds it (GET /v1/concepts)")
+    percentile: float | None = Field(None, ge=0.0, lt=100.0,
+                                     description="Features above this importance percentile")
+
+
+class GenerationCreate(BaseModel):
+    """A generation request: one UNet batch of n_images images, image i with seed + i."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, examples=["a red circle on a striped background"])
+    negative_prompt: str | None = None
+    concepts: list[ConceptEditIn] = Field(default_factory=list, max_length=32)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Default: random (returned)")
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(7.5, ge=0.0, le=30.0)
+    width: int | None = Field(None, description="Multiple of 8; default: the model's size")
+    height: int | None = Field(None, description="Multiple of 8; default: the model's size")
+    n_images: int = Field(1, ge=1)
+    scheduler: Literal["ddim"] = Field("ddim", description="Only DDIM (bundles are made for it)")
+    webhook: HttpUrl | None = Field(None, description="POSTed the finished job, signed "
+                                    "(X-Steer-Signature: sha256=HMAC(secret, body))")
+
+
+class BatchCreate(BaseModel):
+    """Several generation requests submitted together; each becomes its own job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[GenerationCreate] = Field(..., min_length=1)
+    webhook: HttpUrl | None = None
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queued_s: float | None = None
+    run_s: float | None = None
+    generate_s: float | None = None
+
+
+class ImageOut(BaseModel):
+    id: str
+    seed: int
+    url: str = Field(..., description="Signed, expiring link; works in an <img> tag")
+
+
+class Links(BaseModel):
+    self: str
+    cancel: str
+
+
+class Generation(BaseModel):
+    """A generation job as the API shows it."""
+
+    id: str
+    status: Status
+    queue_position: int | None = Field(None, description="0 = next; only while queued")
+    progress: Progress | None = None
+    timings: Timings
+    seeds: list[int] = Field(default_factory=list)
+    parameters: dict = Field(default_factory=dict,
+                             description="The parameters actually used (defaults filled)")
+    detection: list[dict[str, float]] = Field(
+        default_factory=list, description="Per image: concept -> detection score")
+    images: list[ImageOut] = Field(default_factory=list)
+    error: str | None = None
+    batch_id: str | None = None
+    links: Links
+
+
+class Batch(BaseModel):
+    id: str
+    status: Status | Literal["partial"]
+    counts: dict[str, int]
+    generations: list[Generation]
+
+
+class ConceptOut(BaseModel):
+    name: str
+    kind: str
+    default_gamma: float
+    gamma_range: tuple[float, float]
+    default_percentile: float
+
+
+class ConceptList(BaseModel):
+    bundle_sha256: str | None
+    concepts: list[ConceptOut]
+
+
+class ErrorDetail(BaseModel):
+    """Every error response: a message saying what to do, and the field when one is at fault."""
+
+    detail: str | list[dict]
+    field: str | None = None
