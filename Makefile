@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo bench toyworld toy-bundle clean
+.PHONY: install test lint serve demo bench toyworld toy-bundle openapi compose-check clean
 
 install: $(STAMP)
 
@@ -27,7 +27,20 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# Until the service lands: generate with the shipped toy pipeline (see README).
+# One command to use it: embedded queue server + API + one worker on the shipped toy
+# pipeline and bundle; prints the URL. Set REDIS_URL to use a Redis server (API only).
+serve: install
+	$(BIN)/steer serve
+
+# Regenerate openapi/openapi.json from the app (a test fails when it drifts).
+openapi: install
+	$(BIN)/steer openapi
+
+# Validate docker-compose.yml (needs the docker compose plugin or docker-compose).
+compose-check:
+	STEER_URL_SIGNING_SECRET=x STEER_WEBHOOK_SECRET=x sh -c 'docker compose config -q 2>/dev/null || docker-compose config -q'
+
+# Generate with the shipped toy pipeline, no service (see README).
 demo: install
 	$(BIN)/steer generate --prompt "a red circle on a striped background" --n-images 8 --out out/demo
 

@@ -115,13 +115,12 @@ def _add_entry_point_groups(root: typer.Typer) -> None:
     for ep in entry_points(group="steer.commands"):
         try:
             group = ep.load()
-        except ImportError as exc:  # an optional extra is not installed
+            if isinstance(group, typer.Typer):
+                root.add_typer(group, name=ep.name)
+            else:
+                group(root)
+        except ImportError as exc:  # an optional extra (e.g. [service]) is not installed
             typer.echo(f"steer: skipping command group {ep.name!r} ({exc})", err=True)
-            continue
-        if isinstance(group, typer.Typer):
-            root.add_typer(group, name=ep.name)
-        else:
-            group(root)
 
 
 def main() -> None:

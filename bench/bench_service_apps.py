@@ -1,0 +1,47 @@
+"""The apps bench/service_submit.py serves with uvicorn: our gateway and a minimal endpoint."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI
+from rq import Queue
+
+from service.jobstore import enqueue_generation, new_id
+from service.schemas import GenerationCreate
+from service.settings import Settings
+
+
+def ours() -> FastAPI:
+    """The real gateway, configured from the environment (auth, limits, idempotency on)."""
+    from service.app import create_app
+
+    return create_app(Settings())
+
+
+def minimal() -> FastAPI:
+    """Validate the body with the same model and enqueue it; nothing else."""
+    settings = Settings()
+    queue = Queue(settings.queue_name, connection=redis.Redis.from_url(settings.redis_url))
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/generations", status_code=202)
+    def create(body: GenerationCreate) -> dict[str, str]:
+        job_id = new_id()
+        enqueue_generation(queue, body.model_dump(mode="json"), job_id=job_id, owner=None,
+                           request_id=None, batch_id=None, webhook=None,
+                           timeout_s=settings.job_timeout_s,
+                           retention_s=settings.result_retention_s)
+        return {"id": job_id, "status": "queued"}
+
+    return app
+
+
+def create_bench_key(conn: redis.Redis) -> str:
+    """A fresh API key for the bench (the gateway stores only its hash)."""
+    from service.auth import create_key
+
+    return create_key(conn, name="bench").token
