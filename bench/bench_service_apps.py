@@ -44,4 +44,5 @@ def create_bench_key(conn: redis.Redis) -> str:
     """A fresh API key for the bench (the gateway stores only its hash)."""
     from service.auth import create_key
 
-    return create_key(conn, name="bench").token
+    _, token = create_key(conn, name="bench")
+    return token

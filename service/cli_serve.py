@@ -30,11 +30,32 @@ def _settings_overrides(data_dir: Path | None, pipeline: Path | None,
     return {k: str(v.resolve()) for k, v in values.items() if v is not None}
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so the ExitStack stops worker and server. uvicorn installs
+    its own handler while it runs, then restores this one and re-raises the signal it got."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM (a warm shutdown) if ``steer serve`` dies (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def _worker_process(device: str, workers: int) -> Iterator[list[subprocess.Popen]]:
     """``workers`` ``steer worker`` processes; SIGTERM (warm shutdown) and wait on exit."""
     procs = [subprocess.Popen([sys.executable, "-m", "steering.cli", "worker", "--device",
-                               device, "--name", f"embedded-{os.getpid()}-{i}"])
+                               device, "--name", f"embedded-{os.getpid()}-{i}"],
+                              preexec_fn=_die_with_parent)
              for i in range(workers)]
     try:
         yield procs
@@ -72,6 +93,7 @@ def serve(
     os.environ.update(_settings_overrides(data_dir, pipeline, bundle))
     settings = Settings()
     configure_logging(settings.log_json)
+    _exit_on_sigterm()
     with contextlib.ExitStack() as stack:
         if settings.redis_url is None:
             url = stack.enter_context(EmbeddedRedis(settings.data_dir / "valkey"))

@@ -130,6 +130,9 @@ def update_meta(conn: redis.Redis, job_id: str, **fields: Any) -> None:
         while True:
             try:
                 pipe.watch(key)
+                if not pipe.exists(key):  # deleted (DELETE /v1/generations): do not recreate
+                    pipe.unwatch()
+                    return
                 raw = pipe.hget(key, "meta")
                 meta = serializer.loads(raw) if raw else {}
                 meta.update(fields)

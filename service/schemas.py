@@ -1,8 +1,8 @@
 """The API's request and response models (pydantic v2); the job payload is GenerationCreate.
 
 Bounds that depend on the deployment (prompt length, steps, size, n_images) are checked
-against Settings in :func:`check_limits`, so the models stay importable without settings and
-the OpenAPI schema documents the shape.
+against Settings in :mod:`service.validation`, so the models stay importable without settings
+and the OpenAPI schema documents the shape.
 """
 
 from __future__ import annotations
@@ -94,6 +94,8 @@ class Generation(BaseModel):
     seeds: list[int] = Field(default_factory=list)
     parameters: dict = Field(default_factory=dict,
                              description="The parameters actually used (defaults filled)")
+    provenance: dict = Field(default_factory=dict, description="Pipeline fingerprint, bundle "
+                             "sha256, scheduler, worker (once the job ran)")
     detection: list[dict[str, float]] = Field(
         default_factory=list, description="Per image: concept -> detection score")
     images: list[ImageOut] = Field(default_factory=list)

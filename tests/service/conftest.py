@@ -144,3 +144,7 @@ def wait_for() -> Callable[..., object]:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     return wait
+
+
+# Imported last: worker_support imports settings_env from here.
+from tests.service.worker_support import spawn  # noqa: E402, F401 (a fixture)

@@ -62,6 +62,7 @@ def test_steer_serve_runs_everything_without_redis_url(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
     assert (tmp_path / "data" / "valkey").is_dir()
     assert (tmp_path / "serve.log").read_text().count("serving on http://") == 1

@@ -1,0 +1,62 @@
+"""Operations endpoints: ``/healthz`` (the process answers), ``/readyz`` (Redis reachable and a
+worker has loaded this bundle) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import Runtime, RuntimeDep
+from service.errors import documented, retry_after
+from service.worker_registry import live_workers
+
+router = APIRouter(tags=["operations"])
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    status: str = "ready"
+    bundle_sha256: str | None = Field(None, description="The bundle this gateway validates for")
+    workers: int = Field(..., description="Workers alive with this bundle")
+    workers_other_bundle: int = Field(0, description="Workers alive with another bundle")
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    """200 while the process serves requests (touches nothing else)."""
+    return Health()
+
+
+def readiness(rt: Runtime) -> Readiness:
+    """Redis answers and ≥ 1 registered worker runs this gateway's bundle, else a 503."""
+    conn = rt.conn
+    conn.ping()
+    workers = live_workers(conn)
+    ours = sum(1 for w in workers if w.get("bundle_sha256") == rt.catalog.bundle_sha256)
+    if not ours:
+        raise retry_after(503, f"no worker has loaded this gateway's bundle "
+                          f"({rt.catalog.bundle_sha256}); {len(workers)} other worker(s) alive. "
+                          "Start one with `steer worker` on the same bundle", 5)
+    return Readiness(bundle_sha256=rt.catalog.bundle_sha256, workers=ours,
+                     workers_other_bundle=len(workers) - ours)
+
+
+@router.get("/readyz", response_model=Readiness, summary="Readiness",
+            responses=documented(503, e503="Redis is unreachable, or no worker has loaded "
+                                 "the bundle; see Retry-After"))
+async def readyz(rt: RuntimeDep) -> Readiness:
+    """Ready to take jobs: Redis reachable and a live worker with the same bundle."""
+    return await run_in_threadpool(readiness, rt)
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {}},
+                             "description": "Prometheus text exposition"}})
+async def metrics(request: Request) -> Response:
+    """Requests, queue depth, jobs by state, live workers, step and generation latency."""
+    body, content_type = await run_in_threadpool(request.app.state.metrics.render)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,269 @@
+"""The generation job function, and the worker runtime it runs with (pipeline loaded once).
+
+``run_generation(payload)`` is what RQ calls for every generation job. It uses the runtime the
+worker installed at start (:func:`configure` / :func:`install`): the settings, the loaded
+SteeredPipeline and the image store, so no job ever loads a model. One job is one UNet batch
+of ``n_images``; it is never merged with other jobs (image i uses seed + i on its own
+generator, so each image is reproducible alone).
+
+The job function catches its own errors and returns a :class:`JobOutcome` (status
+succeeded / canceled / failed with the reason), so RQ's retry only fires when the worker
+itself died mid-job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from rq import get_current_job
+from rq.job import Job
+from rq.timeouts import JobTimeoutException
+
+from service import logs
+from service.images import ImageStore, a1111_parameters
+from service.jobstore import (
+    JobOutcome,
+    cancel_requested,
+    new_id,
+    release_owner_slot,
+    update_meta,
+    utcnow,
+)
+from service.metrics_store import observe
+from service.schemas import GenerationCreate
+from service.settings import Settings
+from service.webhooks import enqueue_webhook
+from steering.bundle import scheduler_description
+from steering.edits import ConceptEdit, EditError, resolve_edits
+from steering.pipeline import (
+    GenerationCanceled,
+    GenerationRequest,
+    GenerationResult,
+    SteeredPipeline,
+)
+
+log = logging.getLogger(__name__)
+
+# Progress is written at most this often (the last step always): a Redis transaction per
+# step would cost a noticeable share of a 5 ms GPU step. Cancel is checked every step.
+PROGRESS_MIN_INTERVAL_S = 0.05
+SEED_RANGE = 2**32  # random seeds are drawn below this (the range A1111 users share)
+
+
+def _package_version() -> str:
+    try:
+        return version("sae-steering")
+    except PackageNotFoundError:
+        return "dev"
+
+
+@dataclass
+class WorkerRuntime:
+    """What jobs run with: settings, the pipeline (loaded once), the image store."""
+
+    settings: Settings
+    pipeline: SteeredPipeline
+    images: ImageStore
+    device: str
+    worker_name: str = ""
+
+    @cached_property
+    def provenance(self) -> dict[str, Any]:
+        """Pipeline fingerprint, bundle sha256 and scheduler of every job this runtime runs."""
+        bundle = self.pipeline.bundle
+        return {"pipeline_fingerprint": self.pipeline.fingerprint,
+                "bundle_sha256": bundle.sha256 if bundle is not None else None,
+                "scheduler": scheduler_description(self.pipeline.pipe.scheduler),
+                "version": _package_version()}
+
+    def warm_up(self) -> None:
+        """One tiny steered generation, so the first job does not pay for kernel set-up."""
+        concepts = list(self.pipeline.concepts)
+        self.pipeline.generate(GenerationRequest(
+            prompt="warm-up", steps=2, edits=[ConceptEdit(concepts[0])] if concepts else ()))
+
+
+_pipelines: dict[tuple[str, str | None, str, str], SteeredPipeline] = {}
+_runtime: WorkerRuntime | None = None
+
+
+def load_pipeline(pipeline_dir: Path, bundle_dir: Path | None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> SteeredPipeline:
+    """Load the pipeline + bundle once per process (later calls return the same object)."""
+    key = (str(Path(pipeline_dir).resolve()),
+           str(Path(bundle_dir).resolve()) if bundle_dir is not None else None,
+           device, str(dtype))
+    if key not in _pipelines:
+        _pipelines[key] = SteeredPipeline.from_pretrained(pipeline_dir, bundle_dir,
+                                                          device=device, dtype=dtype)
+    return _pipelines[key]
+
+
+def install(runtime: WorkerRuntime) -> WorkerRuntime:
+    """Make ``runtime`` the one jobs in this process run with."""
+    global _runtime
+    _runtime = runtime
+    return runtime
+
+
+def configure(settings: Settings, device: str = "cpu", dtype: torch.dtype = torch.float32,
+              worker_name: str = "") -> WorkerRuntime:
+    """Load (or reuse) the pipeline for ``settings`` and install the runtime jobs use."""
+    pipeline = load_pipeline(settings.pipeline_dir, settings.bundle_dir, device, dtype)
+    return install(WorkerRuntime(settings, pipeline, ImageStore.from_settings(settings), device,
+                                 worker_name))
+
+
+def current() -> WorkerRuntime:
+    """The installed runtime; a job run outside ``steer worker`` without one is an error."""
+    if _runtime is None:
+        raise RuntimeError("no worker runtime in this process: run generation jobs with "
+                           "`steer worker` (or call service.runner.configure(settings) first)")
+    return _runtime
+
+
+def current_settings() -> Settings:
+    """The runtime's settings, or the environment's when no runtime is installed."""
+    return _runtime.settings if _runtime is not None else Settings()
+
+
+@contextlib.contextmanager
+def _log_context(meta: dict[str, Any], job_id: str) -> Iterator[None]:
+    """Log lines of this job carry the request id of the API call that submitted it."""
+    tokens = (logs.request_id.set(meta.get("request_id")), logs.job_id.set(job_id))
+    try:
+        yield
+    finally:
+        logs.request_id.reset(tokens[0])
+        logs.job_id.reset(tokens[1])
+
+
+class _Progress:
+    """Per-step callback: progress into the job's meta (throttled), step latency histogram."""
+
+    def __init__(self, conn: redis.Redis, job_id: str) -> None:
+        self.conn, self.job_id = conn, job_id
+        self.last_step_at = time.perf_counter()
+        self.last_write_at = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.perf_counter()
+        observe(self.conn, "step_latency_seconds", now - self.last_step_at)
+        self.last_step_at = now
+        if step == total or now - self.last_write_at >= PROGRESS_MIN_INTERVAL_S:
+            update_meta(self.conn, self.job_id, progress={"step": step, "total": total})
+            self.last_write_at = now
+
+
+def _request(form: GenerationCreate, size: int, rt: WorkerRuntime
+             ) -> tuple[GenerationRequest, dict[str, Any]]:
+    """The pipeline request and the parameters actually used (every default filled)."""
+    seed = form.seed if form.seed is not None else secrets.randbelow(SEED_RANGE)
+    edits = [ConceptEdit(c.name, c.gamma, c.percentile, c.direction) for c in form.concepts]
+    resolved = resolve_edits(edits, rt.pipeline.concepts)
+    request = GenerationRequest(
+        prompt=form.prompt, negative_prompt=form.negative_prompt, edits=edits, seed=seed,
+        steps=form.steps, guidance=form.guidance, width=form.width or size,
+        height=form.height or size, n_images=form.n_images)
+    parameters = {"prompt": form.prompt, "negative_prompt": form.negative_prompt,
+                  "seed": seed, "steps": form.steps, "guidance": form.guidance,
+                  "width": request.width, "height": request.height,
+                  "n_images": form.n_images, "scheduler": form.scheduler,
+                  "concepts": [e.to_dict() for e in resolved]}
+    return request, parameters
+
+
+def _queued_s(meta: dict[str, Any], started: float) -> float | None:
+    created = meta.get("created_at")
+    if not created:
+        return None
+    return max(0.0, started - datetime.fromisoformat(created).timestamp())
+
+
+def _save_images(result: GenerationResult, parameters: dict[str, Any],
+                 provenance: dict[str, Any], job_id: str, rt: WorkerRuntime
+                 ) -> list[dict[str, Any]]:
+    """Write each image as ``<new uuid>.png`` with its provenance; [{"id", "seed"}]."""
+    images = []
+    for seed, image in zip(result.seeds, result.images, strict=True):
+        image_id = new_id()
+        rt.images.save(image, image_id, a1111_parameters(parameters, seed, provenance),
+                       {"generation_id": job_id, "seed": seed, "parameters": parameters,
+                        "provenance": provenance})
+        images.append({"id": image_id, "seed": seed})
+    return images
+
+
+def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcome:
+    """Run the job's generation; every expected way to stop becomes an outcome."""
+    conn, job_id = job.connection, job.id
+    parameters: dict[str, Any] = dict(payload)
+    provenance = {**rt.provenance, "worker": job.worker_name or rt.worker_name,
+                  "device": rt.device}
+    try:
+        form = GenerationCreate.model_validate(payload)
+        request, parameters = _request(form, rt.pipeline.default_size(), rt)
+        if cancel_requested(conn, job_id):
+            return JobOutcome("canceled", parameters=parameters, provenance=provenance,
+                              error="canceled before it started")
+        update_meta(conn, job_id, progress={"step": 0, "total": form.steps})
+        result = rt.pipeline.generate(request, progress=_Progress(conn, job_id),
+                                      should_cancel=lambda: cancel_requested(conn, job_id))
+        images = _save_images(result, parameters, provenance, job_id, rt)
+    except GenerationCanceled as exc:
+        update_meta(conn, job_id, progress={"step": exc.step, "total": exc.total})
+        log.info("generation canceled", extra={"step": exc.step, "total": exc.total})
+        return JobOutcome("canceled", parameters=parameters, provenance=provenance,
+                          error=f"canceled after step {exc.step} of {exc.total}")
+    except EditError as exc:
+        return JobOutcome("failed", parameters=parameters, provenance=provenance,
+                          error=f"{exc.field}: {exc}")
+    except JobTimeoutException:
+        return JobOutcome("failed", parameters=parameters, provenance=provenance,
+                          error=f"the job exceeded its time limit ({job.timeout} s)")
+    except Exception as exc:
+        log.exception("generation failed")
+        return JobOutcome("failed", parameters=parameters, provenance=provenance,
+                          error=f"{type(exc).__name__}: {exc}")
+    observe(conn, "generation_latency_seconds", result.timings["generate_s"])
+    return JobOutcome("succeeded", images=images, seeds=result.seeds,
+                      detection=result.detection, parameters=parameters,
+                      provenance=provenance, timings=dict(result.timings))
+
+
+def run_generation(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job function: generate, save the PNGs, return the JobOutcome as a dict."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("run_generation runs inside an RQ worker (`steer worker`)")
+    rt = current()
+    meta = job.meta or {}
+    started = time.time()
+    with _log_context(meta, job.id):
+        update_meta(job.connection, job.id, started_at=utcnow().isoformat(),
+                    worker=job.worker_name or rt.worker_name, progress=None)
+        if meta.get("webhook"):
+            # Deferred until this job ends (also when it fails because its workers died).
+            enqueue_webhook(job.connection, rt.settings, job.id, meta["webhook"])
+        outcome = _generate(job, payload, rt)
+        outcome.timings["run_s"] = time.time() - started
+        queued_s = _queued_s(meta, started)
+        if queued_s is not None:
+            outcome.timings["queued_s"] = queued_s
+        release_owner_slot(job.connection, job)
+        log.info("generation finished", extra={"status": outcome.status,
+                                               "error": outcome.error,
+                                               "run_s": round(outcome.timings["run_s"], 3)})
+    return outcome.to_dict()

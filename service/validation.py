@@ -1,0 +1,62 @@
+"""Checks of a request against this deployment's limits and the bundle's concepts.
+
+The schemas (service.schemas) hold the fixed shape; the bounds here come from Settings and the
+bundle, so they are checked after parsing. Every failure is a 422 naming the field, e.g.
+``requests[2].concepts[0].gamma``.
+"""
+
+from __future__ import annotations
+
+from service.catalog import Catalog
+from service.errors import ApiError
+from service.schemas import BatchCreate, GenerationCreate
+from service.settings import Settings
+from steering.edits import ConceptEdit, EditError, ResolvedEdit, resolve_edits
+
+_EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, f"{field}: {message}", field=field)
+
+
+def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog,
+                     at: str = "") -> list[ResolvedEdit]:
+    """Raise a 422 for the first field out of bounds; return the edits with defaults filled."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and len(text) > settings.max_prompt_chars:
+            raise _invalid(at + name, f"{len(text)} characters; at most "
+                           f"{settings.max_prompt_chars} are accepted")
+    if not 1 <= req.steps <= settings.max_steps:
+        raise _invalid(at + "steps", f"{req.steps} is outside [1, {settings.max_steps}]")
+    for name in ("width", "height"):
+        size = getattr(req, name)
+        if size is None:
+            continue
+        if size % 8:
+            raise _invalid(at + name, f"{size} is not a multiple of 8 (try {size - size % 8 or 8})")
+        if not settings.min_size <= size <= settings.max_size:
+            raise _invalid(at + name, f"{size} is outside [{settings.min_size}, "
+                           f"{settings.max_size}]")
+    if not 1 <= req.n_images <= settings.max_n_images:
+        raise _invalid(at + "n_images", f"{req.n_images} is outside [1, {settings.max_n_images}]")
+    resolved = []
+    for i, edit in enumerate(req.concepts):
+        try:
+            resolved += resolve_edits(
+                [ConceptEdit(edit.name, edit.gamma, edit.percentile, edit.direction)],
+                catalog.concepts)
+        except EditError as exc:
+            field = f"{at}concepts[{i}].{_EDIT_FIELDS.get(exc.field, exc.field)}"
+            raise _invalid(field, str(exc)) from None
+    return resolved
+
+
+def check_batch(batch: BatchCreate, settings: Settings, catalog: Catalog) -> None:
+    """The batch size limit, then every request as :func:`check_generation` does."""
+    if len(batch.requests) > settings.max_batch_items:
+        raise _invalid("requests", f"{len(batch.requests)} requests; at most "
+                       f"{settings.max_batch_items} per batch (split it)")
+    for i, req in enumerate(batch.requests):
+        check_generation(req, settings, catalog, at=f"requests[{i}].")
