@@ -51,6 +51,9 @@ bench: install
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/sae_training_vs_sparsify.py
 	$(BIN)/python bench/training_memory.py
+	$(BIN)/python bench/service_submit.py
+	$(BIN)/python bench/service_e2e_latency.py
+	$(BIN)/python bench/worker_rss.py
 
 # Rebuild assets/ from scratch (about an hour on 2 CPU cores; rerun to resume).
 toyworld: install

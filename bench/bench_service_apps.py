@@ -12,10 +12,14 @@ from service.settings import Settings
 
 
 def ours() -> FastAPI:
-    """The real gateway, configured from the environment (auth, limits, idempotency on)."""
+    """The real gateway as `steer serve` runs it: JSON logs on, configured from the
+    environment (auth, limits, idempotency on)."""
     from service.app import create_app
+    from service.logs import configure_logging
 
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_json)
+    return create_app(settings)
 
 
 def minimal() -> FastAPI:

@@ -3,7 +3,8 @@
 Three contenders, each measured in rounds interleaved in one run (this machine is noisy):
 
 - ours:    the real gateway (``service.app.create_app``) with auth on (Bearer key), the
-           per-key rate limit and ``Idempotency-Key`` on every request, in a uvicorn process;
+           per-key rate limit and ``Idempotency-Key`` on every request and its JSON logs
+           (one line per request, to a file), in a uvicorn process;
 - minimal: a FastAPI app whose only endpoint validates the same body with the same pydantic
            model and enqueues it with ``service.jobstore.enqueue_generation`` (no auth, no
            limits, no bundle validation), in a uvicorn process alike;
@@ -47,12 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(factory: str, port: int, env: dict[str, str]) -> subprocess.Popen:
-    """uvicorn serving ``bench_service_apps:<factory>`` on ``port``; waits until it answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", f"bench_service_apps:{factory}", "--factory",
-         "--app-dir", str(Path(__file__).parent), "--port", str(port), "--log-level",
-         "warning", "--no-access-log"], env=env)
+def start_server(factory: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """uvicorn serving ``bench_service_apps:<factory>`` on ``port`` (its logs to ``log``);
+    waits until it answers."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", f"bench_service_apps:{factory}", "--factory",
+             "--app-dir", str(Path(__file__).parent), "--port", str(port), "--no-access-log"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -136,8 +139,8 @@ def main() -> None:
 
         key = create_bench_key(conn)
         ports = {"ours": free_port(), "minimal": free_port()}
-        servers = [start_server("ours", ports["ours"], env),
-                   start_server("minimal", ports["minimal"], env)]
+        servers = [start_server(name, ports[name], env, Path(tmp) / f"{name}.log")
+                   for name in ("ours", "minimal")]
         runs: dict[str, list[tuple[float, list[float]]]] = {"ours": [], "minimal": [],
                                                              "direct": []}
         try:
