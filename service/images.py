@@ -44,7 +44,7 @@ def _quote(text: str) -> str:
 def edit_text(edit: dict[str, Any]) -> str:
     """``-red:20.0:99.5`` / ``+blue:5.0:99.0``: the syntax `steer generate --concept` parses."""
     sign = "+" if edit.get("direction") == "amplify" else "-"
-    return f"{sign}{edit['concept']}:{edit['gamma']}:{edit['percentile']}"
+    return f"{sign}{edit['name']}:{edit['gamma']}:{edit['percentile']}"
 
 
 def a1111_parameters(parameters: dict[str, Any], seed: int,

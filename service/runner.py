@@ -181,7 +181,10 @@ def _request(form: GenerationCreate, size: int, rt: WorkerRuntime
                   "seed": seed, "steps": form.steps, "guidance": form.guidance,
                   "width": request.width, "height": request.height,
                   "n_images": form.n_images, "scheduler": form.scheduler,
-                  "concepts": [e.to_dict() for e in resolved]}
+                  # the request's own shape, so `parameters` can be submitted again as is
+                  "concepts": [{"name": e.spec.name, "direction": str(e.direction),
+                                "gamma": e.gamma, "percentile": e.percentile}
+                               for e in resolved]}
     return request, parameters
 
 

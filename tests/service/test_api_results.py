@@ -39,7 +39,7 @@ def test_a_finished_job_shows_images_seeds_timings_and_provenance(client, settin
     assert done["queue_position"] is None and done["error"] is None
     assert done["progress"] == {"step": 2, "total": 2}
     red = done["parameters"]["concepts"][0]
-    assert red["concept"] == "red" and red["gamma"] > 0  # defaults filled by the worker
+    assert red["name"] == "red" and red["gamma"] > 0  # defaults filled by the worker
     assert done["provenance"]["bundle_sha256"] == client.get("/v1/concepts").json()[
         "bundle_sha256"]
     timings = done["timings"]

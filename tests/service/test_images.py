@@ -20,11 +20,11 @@ from service.settings import Settings
 PARAMETERS = {"prompt": "a red circle, on stripes", "negative_prompt": "blurry",
               "seed": 7, "steps": 20, "guidance": 7.5, "width": 32, "height": 32,
               "n_images": 2, "scheduler": "ddim",
-              "concepts": [{"concept": "red", "gamma": 60.0, "percentile": 99.0,
+              "concepts": [{"name": "red", "gamma": 60.0, "percentile": 99.0,
                             "direction": "suppress"},
-                           {"concept": "blue", "gamma": 5.0, "percentile": 98.0,
+                           {"name": "blue", "gamma": 5.0, "percentile": 98.0,
                             "direction": "amplify"},
-                           {"concept": "green", "gamma": 0.0, "percentile": 99.0,
+                           {"name": "green", "gamma": 0.0, "percentile": 99.0,
                             "direction": "suppress"}]}
 PROVENANCE = {"pipeline_fingerprint": "fp123", "bundle_sha256": "ab" * 32,
               "scheduler": {"class_name": "DDIMScheduler"}, "version": "0.1.0"}

@@ -64,7 +64,7 @@ def test_job_writes_pngs_with_provenance_progress_and_metrics(conn, settings, sp
     assert meta(conn, job_id)["worker"] == "w-e2e" and rec.started_at is not None
     # The parameters actually used: every default filled in.
     red = out.parameters["concepts"][0]
-    assert red["concept"] == "red" and red["direction"] == "suppress"
+    assert red["name"] == "red" and red["direction"] == "suppress"
     assert red["gamma"] > 0 and 0 < red["percentile"] < 100
     assert (out.parameters["width"], out.parameters["height"]) == (32, 32)
     assert out.provenance["bundle_sha256"] == TOY_BUNDLE_SHA
