@@ -106,6 +106,60 @@ def generate(
                f"{out / ('sheet.png' if edits else 'grid.png')}")
 
 
+# Rows of the default gallery: toy-world concepts of each kind, each asked for by its prompt.
+TOY_GALLERY_ROWS = (
+    "red=a red circle on a plain background",
+    "blue=a blue square on a dotted background",
+    "triangle=a yellow triangle on a plain background",
+    "striped=a green cross on a striped background",
+)
+
+
+@app.command()
+def gallery(
+    out: Path = typer.Option(Path("docs/images/gallery.png"), help="PNG to write."),
+    row: list[str] = typer.Option(
+        list(TOY_GALLERY_ROWS), "--row", "-r",
+        help="[+]concept=prompt, repeatable (+ amplifies) [default: four toy concepts]."),
+    gamma: list[float] = typer.Option([0.0, 10.0, 30.0, 60.0], "--gamma", "-g",
+                                      help="Columns; 0 is the unedited image. Repeatable."),
+    pipeline: Path | None = typer.Option(
+        None, help="Local SD-1.x pipeline folder [default: assets/toy-pipeline]."),
+    bundle: Path | None = typer.Option(
+        None, help="Steering bundle folder [default: assets/toy-bundle with the toy pipeline]."),
+    seed: int = typer.Option(1_200_000, help="Image i of every cell uses seed + i."),
+    seeds: int = typer.Option(3, min=1, max=16, help="Images per cell."),
+    steps: int = typer.Option(20, min=1, max=500),
+    guidance: float = typer.Option(4.0, min=0.0),
+    device: str = typer.Option("cpu", help="cpu or cuda:N."),
+) -> None:
+    """Render a concept × γ grid of steered images (several seeds) as one PNG for the docs."""
+    from steering.gallery import GalleryRow, render_gallery
+    from steering.pipeline import SteeredPipeline
+
+    if pipeline is None:
+        pipeline = _default("toy-pipeline")
+        if pipeline is None:
+            raise typer.BadParameter("no --pipeline given and assets/toy-pipeline is missing")
+        bundle = bundle or _default("toy-bundle")
+    if bundle is None:
+        raise typer.BadParameter("a gallery needs a steering bundle: pass --bundle")
+    try:
+        rows = [GalleryRow.parse(r) for r in row]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--row") from exc
+    steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device)
+    with typer.progressbar(length=len(rows) * len(gamma), label="gallery") as bar:
+        try:
+            image = render_gallery(steered, rows, gamma, seed=seed, n_seeds=seeds, steps=steps,
+                                   guidance=guidance, progress=lambda d, t: bar.update(1))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    typer.echo(f"wrote {out} ({len(rows)} rows × {len(gamma)} γ × {seeds} seeds)")
+
+
 def _add_entry_point_groups(root: typer.Typer) -> None:
     """Attach every installed `steer.commands` entry point.
 
