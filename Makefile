@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint serve demo bench toyworld toy-bundle openapi compose-check clean
+.PHONY: install test lint browsers serve demo bench toyworld toy-bundle openapi compose-check clean
 
 install: $(STAMP)
 
@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint browsers
 	$(BIN)/python -m pytest -q
+
+# The web page's browser tests drive Debian's Chromium (never a browser Playwright downloads).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browsers:
+	@test -x /usr/bin/chromium || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 # One command to use it: embedded queue server + API + one worker on the shipped toy
 # pipeline and bundle; prints the URL. Set REDIS_URL to use a Redis server (API only).

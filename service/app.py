@@ -32,7 +32,8 @@ from service.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
 )
-from service.routes import batches, concepts, generations, health, images
+from service.policy import load_checked
+from service.routes import batches, concepts, generations, health, images, policy, web
 from service.settings import Settings
 
 DESCRIPTION = """\
@@ -67,10 +68,11 @@ def open_runtime(settings: Settings) -> Runtime:
     aconn = redis.asyncio.Redis.from_url(
         settings.redis_url, retry=AsyncRetry(ExponentialWithJitterBackoff(**BACKOFF), RETRIES),
         **REDIS_OPTIONS)
+    catalog = load_catalog(settings.bundle_dir)
     return Runtime(settings=settings, conn=conn, aconn=aconn,
-                   queue=Queue(settings.queue_name, connection=conn),
-                   catalog=load_catalog(settings.bundle_dir),
-                   images=ImageStore.from_settings(settings))
+                   queue=Queue(settings.queue_name, connection=conn), catalog=catalog,
+                   images=ImageStore.from_settings(settings),
+                   policies=load_checked(settings.policy_file, catalog.concepts))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -95,8 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = GatewayMetrics(
         lambda: app.state.runtime.queue if app.state.runtime is not None else None)
     install_error_handlers(app)
-    for module in (generations, batches, images, concepts, health):
+    for module in (generations, batches, images, concepts, policy, health, web):
         app.include_router(module.router)
+    web.mount_static(app)
     # add_middleware wraps: the last added runs first (request context, CORS, body limit).
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:

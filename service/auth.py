@@ -1,8 +1,9 @@
 """API keys: ``steer_<random>`` bearer tokens of which only the sha256 is stored.
 
 Redis layout: the hash ``steer:apikeys`` maps key id → JSON record (id, name, sha256, a short
-prefix to recognise the token by, created_at); ``steer:apikey-hash:<sha256>`` → key id is the
-lookup a request makes. The key id (never the token) is the job owner and the rate-limit unit.
+prefix to recognise the token by, created_at, and the content policy its requests use when it
+is not the default); ``steer:apikey-hash:<sha256>`` → key id is the lookup a request makes.
+The key id (never the token) is the job owner and the rate-limit unit.
 """
 
 from __future__ import annotations
@@ -40,18 +41,27 @@ class ApiKey:
     prefix: str
     sha256: str
     created_at: float
+    policy: str | None = None  # content policy for this key's requests (None: the default)
 
 
-def create_key(conn: redis.Redis, name: str) -> tuple[ApiKey, str]:
-    """Make a new key; returns (record, token). The token is shown once and never again."""
+def create_key(conn: redis.Redis, name: str, policy: str | None = None
+               ) -> tuple[ApiKey, str]:
+    """Make a new key; returns (record, token). The token is shown once and never again.
+    ``policy`` names the content policy its requests use instead of the default."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(id=secrets.token_hex(8), name=name, prefix=token[:SHOWN_PREFIX_CHARS],
-                 sha256=hash_key(token), created_at=time.time())
+                 sha256=hash_key(token), created_at=time.time(), policy=policy)
     with conn.pipeline() as pipe:
         pipe.hset(KEYS_HASH, key.id, json.dumps(asdict(key)))
         pipe.set(lookup_key(key.sha256), key.id)
         pipe.execute()
     return key, token
+
+
+def key_policy(conn: redis.Redis, key_id: str) -> str | None:
+    """The content policy a key was created with (None: the default, or an unknown key)."""
+    raw = conn.hget(KEYS_HASH, key_id)
+    return ApiKey(**json.loads(raw)).policy if raw is not None else None
 
 
 def list_keys(conn: redis.Redis) -> list[ApiKey]:

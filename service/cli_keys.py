@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import redis
 import typer
@@ -33,16 +34,40 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _check_policy(policy: str, policy_file: Path | None) -> None:
+    """The policy must be in the policy file (when one is known: it is not read otherwise)."""
+    from service.policy import PolicyError, load_policies
+
+    if policy_file is None:
+        typer.echo(f"note: no policy file given (--policy-file / STEER_POLICY_FILE), so "
+                   f"{policy!r} was not checked; the gateway refuses the key's requests if "
+                   "its file lacks it", err=True)
+        return
+    try:
+        load_policies(policy_file).get(policy)
+    except PolicyError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from exc
+
+
 @keys_app.command("create")
 def create(name: str = typer.Option(..., "--name", "-n", help="Who or what the key is for."),
+           policy: str | None = typer.Option(
+               None, "--policy", help="Content policy for this key's requests instead of the "
+               "policy file's default (e.g. a trusted key's)."),
+           policy_file: Path | None = typer.Option(
+               None, "--policy-file", envvar="STEER_POLICY_FILE",
+               help="The gateway's policy file, to check --policy against."),
            redis_url: str | None = RedisUrlOption) -> None:
     """Make a key and print its token (shown this once; only its hash is stored)."""
     from service.auth import create_key
 
-    key, token = create_key(_connect(redis_url), name)
+    if policy is not None:
+        _check_policy(policy, policy_file)
+    key, token = create_key(_connect(redis_url), name, policy)
     typer.echo(token)
-    typer.echo(f"key id {key.id} ({name}); the token is not stored: keep it now. Revoke it "
-               f"with `steer keys revoke {key.id}`.", err=True)
+    uses = f", policy {policy!r}" if policy else ""
+    typer.echo(f"key id {key.id} ({name}{uses}); the token is not stored: keep it now. Revoke "
+               f"it with `steer keys revoke {key.id}`.", err=True)
 
 
 @keys_app.command("list")
@@ -55,7 +80,8 @@ def list_(redis_url: str | None = RedisUrlOption) -> None:
         typer.echo("no API keys; create one with `steer keys create --name NAME`", err=True)
         return
     for key in keys:
-        typer.echo(f"{key.id}  {_when(key.created_at)}  {key.prefix}…  {key.name}")
+        policy = f"  [policy {key.policy}]" if key.policy else ""
+        typer.echo(f"{key.id}  {_when(key.created_at)}  {key.prefix}…  {key.name}{policy}")
 
 
 @keys_app.command("revoke")

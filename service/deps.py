@@ -20,6 +20,7 @@ from service.auth import authenticate_async
 from service.catalog import Catalog
 from service.errors import ApiError
 from service.images import ImageStore
+from service.policy import PolicyFile
 from service.settings import Settings
 
 
@@ -33,6 +34,7 @@ class Runtime:
     queue: Queue
     catalog: Catalog
     images: ImageStore
+    policies: PolicyFile | None = None  # the content-safety policy file (None: no policy)
 
     def base_url(self, request: Request) -> str:
         """Where links point: ``settings.public_url``, else the request's own base URL."""

@@ -3,7 +3,8 @@
 A generation is one RQ job whose id is the generation id (a UUID4). What each side writes:
 
 - gateway: the job (payload = the validated request, ``meta`` = owner, batch, request id,
-  webhook), the per-key active set, the cancel flag; it never writes ``meta`` after enqueue;
+  webhook, content policy name), the per-key active set, the cancel flag; it never writes
+  ``meta`` after enqueue;
 - worker: ``meta['progress']`` / ``meta['started_at']`` / ``meta['worker']`` through
   :func:`update_meta` (a WATCH transaction: other fields are never clobbered), and the job's
   return value, a :class:`JobOutcome` dict.
@@ -74,6 +75,8 @@ class JobOutcome:
     provenance: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    error_code: str | None = None                # content_policy_violation when refused
+    policy: dict[str, Any] | None = None         # the content policy's report (enforce.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,10 +109,12 @@ def queues(conn: redis.Redis, generations: str, webhooks: str) -> tuple[Queue, Q
 def enqueue_generation(queue: Queue, payload: dict[str, Any], *, job_id: str,
                        owner: str | None, request_id: str | None, batch_id: str | None,
                        webhook: str | None, timeout_s: int, retention_s: int,
-                       pipeline: redis.client.Pipeline | None = None) -> Job:
-    """Enqueue one generation; a worker that dies mid-job gets it retried once elsewhere."""
+                       pipeline: redis.client.Pipeline | None = None,
+                       policy: str | None = None) -> Job:
+    """Enqueue one generation; a worker that dies mid-job gets it retried once elsewhere.
+    ``policy`` is the content policy the worker applies (None: the worker's default)."""
     meta = {"owner": owner, "request_id": request_id, "batch_id": batch_id,
-            "webhook": webhook, "created_at": utcnow().isoformat()}
+            "webhook": webhook, "created_at": utcnow().isoformat(), "policy": policy}
     job = queue.enqueue_call(
         RUN_GENERATION, kwargs={"payload": payload}, job_id=job_id, timeout=timeout_s,
         result_ttl=retention_s, failure_ttl=retention_s, ttl=retention_s, meta=meta,

@@ -31,7 +31,8 @@ from rq import get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from service import logs
+from service import enforce, logs
+from service.enforce import CONTENT_POLICY_VIOLATION, EditPlan, Enforced, plan_edits
 from service.images import ImageStore, a1111_parameters
 from service.jobstore import (
     JobOutcome,
@@ -42,17 +43,13 @@ from service.jobstore import (
     utcnow,
 )
 from service.metrics_store import observe
+from service.policy import Policy, PolicyError, PolicyFile, check_policies, load_policies
 from service.schemas import GenerationCreate
 from service.settings import Settings
 from service.webhooks import enqueue_webhook
 from steering.bundle import scheduler_description
-from steering.edits import ConceptEdit, EditError, resolve_edits
-from steering.pipeline import (
-    GenerationCanceled,
-    GenerationRequest,
-    GenerationResult,
-    SteeredPipeline,
-)
+from steering.edits import ConceptEdit, EditError, ResolvedEdit, resolve_edits
+from steering.pipeline import GenerationCanceled, GenerationRequest, SteeredPipeline
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +68,25 @@ def _package_version() -> str:
 
 @dataclass
 class WorkerRuntime:
-    """What jobs run with: settings, the pipeline (loaded once), the image store."""
+    """What jobs run with: settings, the pipeline (loaded once), the image store, the
+    content-safety policies (None: no policy file)."""
 
     settings: Settings
     pipeline: SteeredPipeline
     images: ImageStore
     device: str
     worker_name: str = ""
+    policies: PolicyFile | None = None
+
+    def policy(self, name: str | None) -> Policy | None:
+        """The policy a job names (None: the file's default); None without a policy file."""
+        if self.policies is None:
+            if name is not None:
+                raise PolicyError(f"the job asks for content policy {name!r}, but this worker "
+                                  "has no policy file: give the workers the gateway's "
+                                  "STEER_POLICY_FILE")
+            return None
+        return self.policies.get(name)
 
     @cached_property
     def provenance(self) -> dict[str, Any]:
@@ -120,10 +129,14 @@ def install(runtime: WorkerRuntime) -> WorkerRuntime:
 
 def configure(settings: Settings, device: str = "cpu", dtype: torch.dtype = torch.float32,
               worker_name: str = "") -> WorkerRuntime:
-    """Load (or reuse) the pipeline for ``settings`` and install the runtime jobs use."""
+    """Load (or reuse) the pipeline for ``settings`` and install the runtime jobs use; a bad
+    policy file (STEER_POLICY_FILE) stops it with a PolicyError naming what to fix."""
+    policies = load_policies(settings.policy_file) if settings.policy_file else None
     pipeline = load_pipeline(settings.pipeline_dir, settings.bundle_dir, device, dtype)
+    if policies is not None:
+        check_policies(policies, pipeline.concepts)
     return install(WorkerRuntime(settings, pipeline, ImageStore.from_settings(settings), device,
-                                 worker_name))
+                                 worker_name, policies))
 
 
 def current() -> WorkerRuntime:
@@ -167,25 +180,31 @@ class _Progress:
             self.last_write_at = now
 
 
-def _request(form: GenerationCreate, size: int, rt: WorkerRuntime
-             ) -> tuple[GenerationRequest, dict[str, Any]]:
-    """The pipeline request and the parameters actually used (every default filled)."""
+def _concepts(edits: list[ResolvedEdit]) -> list[dict[str, Any]]:
+    """Edits in the request's own shape, so `parameters` can be submitted again as is."""
+    return [{"name": e.spec.name, "direction": str(e.direction), "gamma": e.gamma,
+             "percentile": e.percentile} for e in edits]
+
+
+def _request(form: GenerationCreate, size: int, rt: WorkerRuntime, policy: Policy | None
+             ) -> tuple[GenerationRequest, EditPlan, dict[str, Any]]:
+    """The pipeline request, its edits under ``policy`` (always-on suppressions first) and
+    the parameters actually used (every default filled, the policy's suppressions included)."""
     seed = form.seed if form.seed is not None else secrets.randbelow(SEED_RANGE)
     edits = [ConceptEdit(c.name, c.gamma, c.percentile, c.direction) for c in form.concepts]
-    resolved = resolve_edits(edits, rt.pipeline.concepts)
-    request = GenerationRequest(
-        prompt=form.prompt, negative_prompt=form.negative_prompt, edits=edits, seed=seed,
+    concepts = rt.pipeline.concepts
+    plan = plan_edits(resolve_edits(edits, concepts),
+                      policy.suppressions(concepts) if policy is not None else [])
+    request = GenerationRequest(  # its edits: the plan's (enforce.generate puts them in)
+        prompt=form.prompt, negative_prompt=form.negative_prompt, seed=seed,
         steps=form.steps, guidance=form.guidance, width=form.width or size,
         height=form.height or size, n_images=form.n_images)
     parameters = {"prompt": form.prompt, "negative_prompt": form.negative_prompt,
                   "seed": seed, "steps": form.steps, "guidance": form.guidance,
                   "width": request.width, "height": request.height,
                   "n_images": form.n_images, "scheduler": form.scheduler,
-                  # the request's own shape, so `parameters` can be submitted again as is
-                  "concepts": [{"name": e.spec.name, "direction": str(e.direction),
-                                "gamma": e.gamma, "percentile": e.percentile}
-                               for e in resolved]}
-    return request, parameters
+                  "concepts": _concepts(plan.applied)}
+    return request, plan, parameters
 
 
 def _queued_s(meta: dict[str, Any], started: float) -> float | None:
@@ -195,36 +214,44 @@ def _queued_s(meta: dict[str, Any], started: float) -> float | None:
     return max(0.0, started - datetime.fromisoformat(created).timestamp())
 
 
-def _save_images(result: GenerationResult, parameters: dict[str, Any],
-                 provenance: dict[str, Any], job_id: str, rt: WorkerRuntime
-                 ) -> list[dict[str, Any]]:
-    """Write each image as ``<new uuid>.png`` with its provenance; [{"id", "seed"}]."""
+def _save_images(result: Enforced, parameters: dict[str, Any], provenance: dict[str, Any],
+                 job_id: str, rt: WorkerRuntime) -> list[dict[str, Any]]:
+    """Write each image as ``<new uuid>.png`` with its provenance (the edits that image was
+    made with: a policy may have steered it); [{"id", "seed"}]."""
     images = []
-    for seed, image in zip(result.seeds, result.images, strict=True):
+    for seed, image, edits in zip(result.seeds, result.images, result.edits, strict=True):
         image_id = new_id()
-        rt.images.save(image, image_id, a1111_parameters(parameters, seed, provenance),
-                       {"generation_id": job_id, "seed": seed, "parameters": parameters,
+        used = {**parameters, "concepts": _concepts(edits)}
+        rt.images.save(image, image_id, a1111_parameters(used, seed, provenance),
+                       {"generation_id": job_id, "seed": seed, "parameters": used,
                         "provenance": provenance})
         images.append({"id": image_id, "seed": seed})
     return images
 
 
 def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcome:
-    """Run the job's generation; every expected way to stop becomes an outcome."""
+    """Run the job's generation under its content policy; every expected way to stop
+    becomes an outcome."""
     conn, job_id = job.connection, job.id
     parameters: dict[str, Any] = dict(payload)
     provenance = {**rt.provenance, "worker": job.worker_name or rt.worker_name,
                   "device": rt.device}
     try:
+        policy = rt.policy((job.meta or {}).get("policy"))
+        if policy is not None and rt.policies is not None:
+            provenance["policy"] = {"name": policy.name, "file_sha256": rt.policies.sha256}
         form = GenerationCreate.model_validate(payload)
-        request, parameters = _request(form, rt.pipeline.default_size(), rt)
+        request, plan, parameters = _request(form, rt.pipeline.default_size(), rt, policy)
         if cancel_requested(conn, job_id):
             return JobOutcome("canceled", parameters=parameters, provenance=provenance,
                               error="canceled before it started")
         update_meta(conn, job_id, progress={"step": 0, "total": form.steps})
-        result = rt.pipeline.generate(request, progress=_Progress(conn, job_id),
-                                      should_cancel=lambda: cancel_requested(conn, job_id))
-        images = _save_images(result, parameters, provenance, job_id, rt)
+        result = enforce.generate(rt.pipeline, request, plan, policy,
+                                  progress=_Progress(conn, job_id),
+                                  should_cancel=lambda: cancel_requested(conn, job_id))
+        # A refused generation has no image to write (nothing reaches the disk).
+        images = (_save_images(result, parameters, provenance, job_id, rt)
+                  if result.refusal is None else [])
     except GenerationCanceled as exc:
         update_meta(conn, job_id, progress={"step": exc.step, "total": exc.total})
         log.info("generation canceled", extra={"step": exc.step, "total": exc.total})
@@ -233,6 +260,9 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
     except EditError as exc:
         return JobOutcome("failed", parameters=parameters, provenance=provenance,
                           error=f"{exc.field}: {exc}")
+    except PolicyError as exc:
+        return JobOutcome("failed", parameters=parameters, provenance=provenance,
+                          error=str(exc))
     except JobTimeoutException:
         return JobOutcome("failed", parameters=parameters, provenance=provenance,
                           error=f"the job exceeded its time limit ({job.timeout} s)")
@@ -241,9 +271,17 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
         return JobOutcome("failed", parameters=parameters, provenance=provenance,
                           error=f"{type(exc).__name__}: {exc}")
     observe(conn, "generation_latency_seconds", result.timings["generate_s"])
+    if result.refusal is not None:
+        log.info("generation refused by the content policy",
+                 extra={"policy": policy.name if policy else None})
+        return JobOutcome("failed", seeds=result.seeds, detection=result.detection,
+                          parameters=parameters, provenance=provenance,
+                          timings=dict(result.timings), error=result.refusal,
+                          error_code=CONTENT_POLICY_VIOLATION, policy=result.report)
     return JobOutcome("succeeded", images=images, seeds=result.seeds,
                       detection=result.detection, parameters=parameters,
-                      provenance=provenance, timings=dict(result.timings))
+                      provenance=provenance, timings=dict(result.timings),
+                      policy=result.report)
 
 
 def run_generation(payload: dict[str, Any]) -> dict[str, Any]:

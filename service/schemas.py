@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from service.policy import DetectRule
 from steering.edits import Direction
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -83,6 +84,51 @@ class Links(BaseModel):
     cancel: str
 
 
+class PolicyEdit(BaseModel):
+    """A suppression a content policy applied (or a request edit it replaced)."""
+
+    concept: str
+    direction: Direction
+    gamma: float
+    percentile: float
+
+
+class PolicyCheck(BaseModel):
+    """One detection rule of the content policy applied to one image."""
+
+    concept: str
+    score: float = Field(..., description="Detection score before any edit (≈ 1: a typical "
+                         "prompt of the concept, ≈ 0: absent)")
+    threshold: float
+    rule: Literal["mark", "steer", "refuse"] = Field(..., description="The rule's action")
+    action: Literal["none", "mark", "steer", "refuse"] = Field(
+        ..., description="The action taken: none below the threshold, else the rule's")
+    reason: str
+    steered_score: float | None = Field(None, description="Score of the image generated "
+                                        "again with the concept suppressed (action steer)")
+
+
+class PolicyImage(BaseModel):
+    seed: int
+    flagged: bool = Field(..., description="A `mark` rule fired: the image is returned, flagged")
+    steered: bool = Field(..., description="A `steer` rule fired: the image returned was "
+                          "generated again (same seed) with the concept suppressed")
+    checks: list[PolicyCheck]
+
+
+class PolicyReport(BaseModel):
+    """What the content policy did to this generation."""
+
+    name: str
+    suppressed: list[PolicyEdit] = Field(..., description="Always-on suppressions applied "
+                                         "(also listed first in `parameters.concepts`)")
+    replaced: list[PolicyEdit] = Field(..., description="Edits of the request that the "
+                                       "policy's suppressions replaced")
+    images: list[PolicyImage] = Field(..., description="Per image (also when refused: "
+                                      "then no image is returned)")
+    refused: bool
+
+
 class Generation(BaseModel):
     """A generation job as the API shows it."""
 
@@ -100,6 +146,10 @@ class Generation(BaseModel):
         default_factory=list, description="Per image: concept -> detection score")
     images: list[ImageOut] = Field(default_factory=list)
     error: str | None = None
+    error_code: Literal["content_policy_violation"] | None = Field(
+        None, description="Set when the content policy refused the request (status failed)")
+    policy: PolicyReport | None = Field(None, description="The content policy's checks and "
+                                        "actions, once the job ran (null: no policy)")
     batch_id: str | None = None
     links: Links
 
@@ -122,6 +172,19 @@ class ConceptOut(BaseModel):
 class ConceptList(BaseModel):
     bundle_sha256: str | None
     concepts: list[ConceptOut]
+
+
+class PolicyOut(BaseModel):
+    """The content policy applied to the caller's requests."""
+
+    name: str | None = Field(..., description="null: this deployment has no policy")
+    source: Literal["api_key", "default", "none"] = Field(
+        ..., description="api_key: the caller's key names it; default: the policy file's")
+    description: str = ""
+    suppress: list[PolicyEdit] = Field(..., description="Always suppressed, whatever the "
+                                       "request asks (defaults filled from the bundle)")
+    detect: list[DetectRule] = Field(..., description="Detection rules: at score ≥ threshold, "
+                                     "mark, steer (generate again suppressed) or refuse")
 
 
 class ErrorDetail(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     pipeline_dir: Path = Field(REPO_ASSETS / "toy-pipeline", description="Local SD-1.x folder")
     bundle_dir: Path | None = Field(REPO_ASSETS / "toy-bundle",
                                     description="Steering bundle folder (None: no steering)")
+    policy_file: Path | None = Field(None, description="Content-safety policy file (TOML or "
+                                     "YAML, docs/serving.md); None: no policy")
     public_url: str = Field("", description="Base URL for links in responses and webhooks "
                             "(empty: links are relative to the request's own base URL)")
     queue_name: str = "steer-generations"
@@ -35,7 +37,8 @@ class Settings(BaseSettings):
 
     # Limits and validation
     max_prompt_chars: int = 1000
-    max_steps: int = 150
+    max_steps: int = Field(150, ge=1, le=999, description="Most denoising steps a request may "
+                           "ask for (DDIM on SD-1.x's 1000 training timesteps: at most 999)")
     min_size: int = 8
     max_size: int = 1024
     max_n_images: int = 8
@@ -66,6 +69,12 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0
     webhook_retries: int = 5
     wait_max_s: float = Field(60.0, description="Longest `Prefer: wait=N` honoured")
+
+    @field_validator("policy_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """``STEER_POLICY_FILE=`` (empty) means no policy, not the current folder."""
+        return None if value == "" else value
 
     @cached_property
     def images_dir(self) -> Path:

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from service.images import ImageStore
 from service.jobstore import GenerationRecord
-from service.schemas import Batch, Generation, ImageOut, Links, Progress, Timings
+from service.schemas import Batch, Generation, ImageOut, Links, PolicyReport, Progress, Timings
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
@@ -51,7 +51,10 @@ def generation_view(record: GenerationRecord, images: ImageStore, base: str = ""
         detection=outcome.detection if outcome else [],
         images=[ImageOut(id=im["id"], seed=im["seed"], url=images.signed_url(im["id"], base))
                 for im in (outcome.images if outcome else [])],
-        error=record.error, batch_id=record.batch_id, links=generation_links(base, record.id))
+        error=record.error, error_code=outcome.error_code if outcome else None,
+        policy=PolicyReport.model_validate(outcome.policy) if outcome and outcome.policy
+        else None,
+        batch_id=record.batch_id, links=generation_links(base, record.id))
 
 
 def batch_status(statuses: list[str]) -> str:

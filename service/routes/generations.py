@@ -28,6 +28,7 @@ from service.errors import REDIS_DOWN, ApiError, documented, retry_after
 from service.jobstore import GenerationRecord
 from service.logs import request_id as request_id_var
 from service.ratelimit import admit
+from service.routes.policy import caller_policy
 from service.schemas import Generation, GenerationCreate
 from service.validation import check_generation
 from service.views import TERMINAL, generation_view
@@ -84,8 +85,10 @@ def enqueue_all(rt: Runtime, requests: list[GenerationCreate], ids: list[str],
                 owner: str | None, batch_id: str | None = None,
                 webhook: str | None = None) -> list[GenerationRecord]:
     """Admit, then enqueue one job per request in one transaction (with the batch record when
-    ``batch_id`` is given); ``webhook`` applies to requests that name none."""
+    ``batch_id`` is given); ``webhook`` applies to requests that name none. Each job carries
+    the caller's content policy (its workers apply it)."""
     conn, settings = rt.conn, rt.settings
+    policy, _ = caller_policy(rt, owner)
     admit(conn, rt.queue, owner, settings, jobs=len(ids))
     with conn.pipeline() as pipe:
         enqueued = []
@@ -95,7 +98,8 @@ def enqueue_all(rt: Runtime, requests: list[GenerationCreate], ids: list[str],
             enqueued.append((jobstore.enqueue_generation(
                 rt.queue, payload, job_id=job_id, owner=owner, request_id=request_id_var.get(),
                 batch_id=batch_id, webhook=hook, timeout_s=settings.job_timeout_s,
-                retention_s=settings.result_retention_s, pipeline=pipe), payload))
+                retention_s=settings.result_retention_s, pipeline=pipe,
+                policy=policy.name if policy is not None else None), payload))
         if batch_id is not None:
             jobstore.save_batch(conn, batch_id, ids, owner, settings.result_retention_s,
                                 pipeline=pipe)

@@ -4,16 +4,13 @@ no separate process (timeouts, bad edits, cancel timing, abandoned jobs)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
-import redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
@@ -32,6 +29,7 @@ from tests.service.worker_support import (
     TOY_BUNDLE_SHA,
     meta,
     record,
+    run_queued,
     submit,
     wait_ready,
     wait_status,
@@ -145,23 +143,6 @@ def test_sigkill_mid_job_is_finished_by_another_worker(conn, settings, spawn, wa
 
 
 # -- the job function in this process ------------------------------------------------------
-
-@contextlib.contextmanager
-def _rq_signal_handlers_restored() -> Iterator[None]:
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-def run_queued(conn: redis.Redis, settings: Settings) -> None:
-    """Run every queued generation job in this process (RQ's SimpleWorker, burst)."""
-    with _rq_signal_handlers_restored():
-        SimpleWorker([Queue(settings.queue_name, connection=conn)],
-                     connection=conn).work(burst=True)
-
 
 @pytest.fixture
 def in_process(settings: Settings) -> runner.WorkerRuntime:

@@ -4,7 +4,9 @@ worker to register or a job to reach a status or a step."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from service.jobstore import GenerationRecord, enqueue_generation, new_id, read_generation
@@ -68,20 +70,25 @@ class WorkerProcess:
         return self.proc.poll() is None
 
 
+def start_worker(settings: Settings, name: str, log_dir: Path) -> WorkerProcess:
+    """A `steer worker` process on ``settings``, logging to ``log_dir/<name>.log``."""
+    env = settings_env(settings)
+    env["OMP_NUM_THREADS"] = "1"
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli_worker", "--name", name], cwd=ROOT,
+            env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return WorkerProcess(name, proc, log_path)
+
+
 @pytest.fixture
 def spawn(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """spawn(name) starts a worker process on ``settings``; all are killed at the end."""
     started: list[WorkerProcess] = []
 
     def start(name: str, worker_settings: Settings | None = None) -> WorkerProcess:
-        env = settings_env(worker_settings or settings)
-        env["OMP_NUM_THREADS"] = "1"
-        log_path = tmp_path / f"{name}.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli_worker", "--name", name], cwd=ROOT,
-                env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        worker = WorkerProcess(name, proc, log_path)
+        worker = start_worker(worker_settings or settings, name, tmp_path)
         started.append(worker)
         return worker
 
@@ -125,3 +132,20 @@ def wait_step(conn: redis.Redis, job_id: str, wait_for: Callable[..., object],
 
 
 # -- worker processes ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def rq_signal_handlers_restored() -> Iterator[None]:
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def run_queued(conn: redis.Redis, settings: Settings) -> None:
+    """Run every queued generation job in this process (RQ's SimpleWorker, burst)."""
+    with rq_signal_handlers_restored():
+        SimpleWorker([Queue(settings.queue_name, connection=conn)],
+                     connection=conn).work(burst=True)
