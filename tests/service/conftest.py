@@ -23,15 +23,21 @@ from service.settings import REPO_ASSETS, Settings
 TEST_REDIS_URL = os.environ.get("STEER_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """The shared Redis at 127.0.0.1:6379, test database flushed before and after."""
+def shared_redis() -> redis.Redis:
+    """A client of the shared test Redis (fails the test, saying how to start it, if down)."""
     conn = redis.Redis.from_url(TEST_REDIS_URL)
     try:
         conn.ping()
     except redis.ConnectionError:
         pytest.fail(f"no Redis at {TEST_REDIS_URL}: start it with `redis-server --daemonize yes "
                     "--bind 127.0.0.1 --port 6379 --save '' --appendonly no`")
+    return conn
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The shared Redis at 127.0.0.1:6379, test database flushed before and after."""
+    conn = shared_redis()
     conn.flushdb()
     yield TEST_REDIS_URL
     conn.flushdb()

@@ -34,7 +34,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from service.app import create_app
 from service.auth import create_key
 from service.settings import Settings
-from tests.service.conftest import TEST_REDIS_URL, fast_settings, free_port
+from tests.service.conftest import TEST_REDIS_URL, fast_settings, free_port, shared_redis
 from tests.service.worker_support import ROOT, WorkerProcess, start_worker
 
 CHROMIUM = Path(os.environ.get("STEER_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -98,12 +98,7 @@ def wait_ready(base: str, worker: WorkerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    conn = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        conn.ping()
-    except redis.ConnectionError:
-        pytest.fail(f"no Redis at {TEST_REDIS_URL}: start it with `redis-server --daemonize yes "
-                    "--bind 127.0.0.1 --port 6379 --save '' --appendonly no`")
+    conn = shared_redis()
     conn.flushdb()
     folder = tmp_path_factory.mktemp("web")
     (folder / "policy.toml").write_text(POLICY)
