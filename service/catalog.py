@@ -1,6 +1,7 @@
 """The concepts the gateway validates requests against: the steering bundle's manifest.
 
-The gateway never loads the SAE; it reads ``manifest.json`` once at start-up. Its sha256 is the
+The gateway never loads the SAE (nor torch: steering.manifest is torch-free); it reads
+``manifest.json`` once at start-up. Its sha256 is the
 bundle's id (as ``SteeringBundle.sha256``), which /readyz compares with what workers loaded.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steering.concepts import ConceptSpec
+from steering.manifest import MANIFEST_FILE, BundleError, BundleManifest
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,6 @@ def load_catalog(bundle_dir: Path | None) -> Catalog:
     """Read the bundle's manifest; a missing or bad one stops start-up with what to fix."""
     if bundle_dir is None:
         return Catalog()
-    # steering.bundle imports torch: only at start-up, never for `steer openapi`.
-    from steering.bundle import MANIFEST_FILE, BundleError, BundleManifest
-
     path = Path(bundle_dir) / MANIFEST_FILE
     try:
         raw = path.read_bytes()
