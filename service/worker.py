@@ -193,7 +193,9 @@ class SteerWorker(SimpleWorker):
     def _record(self) -> dict[str, Any]:
         pipeline = self.runtime.pipeline if self.runtime is not None else None
         bundle = pipeline.bundle if pipeline is not None else None
+        policies = self.runtime.policies if self.runtime is not None else None
         return {"bundle_sha256": bundle.sha256 if bundle is not None else None,
+                "policy_sha256": policies.sha256 if policies is not None else None,
                 "fingerprint": pipeline.fingerprint if pipeline is not None else None,
                 "device": self.device, "pid": os.getpid(), "host": socket.gethostname(),
                 "started_at": self._started_at, "queues": self.queue_names()}

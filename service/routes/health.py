@@ -21,8 +21,10 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str = "ready"
     bundle_sha256: str | None = Field(None, description="The bundle this gateway validates for")
-    workers: int = Field(..., description="Workers alive with this bundle")
-    workers_other_bundle: int = Field(0, description="Workers alive with another bundle")
+    policy_sha256: str | None = Field(None, description="The content-policy file it enforces")
+    workers: int = Field(..., description="Workers alive with this bundle and policy file")
+    workers_other_bundle: int = Field(0, description="Workers alive with another bundle or "
+                                      "policy file (their jobs would not match this gateway)")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
@@ -32,17 +34,21 @@ async def healthz() -> Health:
 
 
 def readiness(rt: Runtime) -> Readiness:
-    """Redis answers and ≥ 1 registered worker runs this gateway's bundle, else a 503."""
+    """Redis answers and ≥ 1 registered worker runs this gateway's bundle and policy file,
+    else a 503 (a worker with another policy file would enforce another policy)."""
     conn = rt.conn
     conn.ping()
     workers = live_workers(conn)
-    ours = sum(1 for w in workers if w.get("bundle_sha256") == rt.catalog.bundle_sha256)
+    policy = rt.policies.sha256 if rt.policies is not None else None
+    ours = sum(1 for w in workers if w.get("bundle_sha256") == rt.catalog.bundle_sha256
+               and w.get("policy_sha256") == policy)
     if not ours:
         raise retry_after(503, f"no worker has loaded this gateway's bundle "
-                          f"({rt.catalog.bundle_sha256}); {len(workers)} other worker(s) alive. "
-                          "Start one with `steer worker` on the same bundle", 5)
-    return Readiness(bundle_sha256=rt.catalog.bundle_sha256, workers=ours,
-                     workers_other_bundle=len(workers) - ours)
+                          f"({rt.catalog.bundle_sha256}) and policy file ({policy}); "
+                          f"{len(workers)} other worker(s) alive. Start one with `steer worker` "
+                          "on the same bundle and STEER_POLICY_FILE", 5)
+    return Readiness(bundle_sha256=rt.catalog.bundle_sha256, policy_sha256=policy,
+                     workers=ours, workers_other_bundle=len(workers) - ours)
 
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness",

@@ -135,11 +135,14 @@ def test_metrics_and_readiness_see_jobs_and_workers(client, settings, conn):
     register_worker(conn, "other", {"bundle_sha256": "0" * 64}, 30)
     r = client.get("/readyz")
     assert r.status_code == 503 and "1 other worker" in r.json()["detail"]
-    register_worker(conn, "ours", {"bundle_sha256": sha}, 30)
+    register_worker(conn, "other-policy", {"bundle_sha256": sha, "policy_sha256": "1" * 64}, 30)
+    r = client.get("/readyz")  # same bundle, but it enforces another policy file
+    assert r.status_code == 503 and "2 other worker" in r.json()["detail"]
+    register_worker(conn, "ours", {"bundle_sha256": sha, "policy_sha256": None}, 30)
     r = client.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "bundle_sha256": sha, "workers": 1,
-                        "workers_other_bundle": 1}
+    assert r.json() == {"status": "ready", "bundle_sha256": sha, "policy_sha256": None,
+                        "workers": 1, "workers_other_bundle": 2}
 
 
 def test_delete_while_running_cancels_then_removes(client, settings, conn):
