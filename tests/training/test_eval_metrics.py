@@ -1,0 +1,61 @@
+"""UA / IRA / CRA on hand-built judgements, and the Wilson interval against known values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training.evaluation.metrics import Judged, Rate, steering_metrics, wilson_interval
+
+KIND_OF = {"red": "colour", "blue": "colour", "green": "colour", "circle": "shape",
+           "square": "shape", "plain": "background"}
+
+
+def judged(asked: dict[str, str], predicted: dict[str, str]) -> Judged:
+    return Judged(asked, predicted)
+
+
+def test_wilson_interval_matches_known_values() -> None:
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    lo, hi = wilson_interval(380, 400)  # about ±2 points at 400 trials
+    assert hi - lo < 0.05
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_ua_ira_cra_count_the_right_images() -> None:
+    images = [
+        # asks red: red gone (UA ok), shape kept (CRA ok)
+        judged({"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"}),
+        # asks red: red still there (UA miss), shape lost (CRA miss)
+        judged({"colour": "red", "shape": "circle"}, {"colour": "red", "shape": "square"}),
+        # asks blue: blue kept (IRA ok), background kept (CRA ok)
+        judged({"colour": "blue", "background": "plain"},
+               {"colour": "blue", "background": "plain"}),
+        # asks green: turned blue (IRA miss); no other kind asked: not in CRA
+        judged({"colour": "green"}, {"colour": "blue"}),
+        # asks no colour: neither UA nor IRA; shape kept (CRA ok)
+        judged({"shape": "square"}, {"colour": "red", "shape": "square"}),
+    ]
+    m = steering_metrics(images, {"red"}, KIND_OF)
+    assert m["UA"] == Rate(1, 2) and m["IRA"] == Rate(1, 2) and m["CRA"] == Rate(3, 4)
+    assert m["UA"].to_dict()["value"] == 0.5
+
+
+def test_several_suppressed_concepts_and_kinds() -> None:
+    images = [judged({"colour": "red", "shape": "circle", "background": "plain"},
+                     {"colour": "green", "shape": "square", "background": "plain"}),
+              judged({"colour": "blue", "shape": "square", "background": "plain"},
+                     {"colour": "blue", "shape": "square", "background": "dotted"})]
+    m = steering_metrics(images, {"red", "circle"}, KIND_OF)
+    # image 1: red gone and circle gone (2 UA hits); image 2: blue and square kept (2 IRA)
+    assert m["UA"] == Rate(2, 2) and m["IRA"] == Rate(2, 2)
+    assert m["CRA"] == Rate(1, 2)  # only the background is another kind: lost in image 2
+    with pytest.raises(ValueError, match="unknown concept"):
+        steering_metrics(images, {"purple"}, KIND_OF)
+    with pytest.raises(ValueError, match="at least one"):
+        steering_metrics(images, set(), KIND_OF)

@@ -1,0 +1,1 @@
+"""Steering quality evaluation on the toy world (the evaluation issue): metrics first."""

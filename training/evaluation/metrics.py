@@ -1,0 +1,91 @@
+"""UnlearnCanvas-style steering metrics with 95 % confidence intervals.
+
+While suppressing a set of concepts, each image is judged by the attribute classifier
+(``predicted``: kind -> concept) against what its prompt asked for (``asked``: kind ->
+concept, only the kinds the prompt names):
+
+- UA (unlearning accuracy): over images whose prompt asks for a suppressed concept, the
+  share in which the classifier does not find it;
+- IRA (in-domain retain accuracy): over images whose prompt asks, in a suppressed concept's
+  kind, for a concept that is not suppressed, the share in which that concept is found;
+- CRA (cross-domain retain accuracy): over all images, the share in which every asked
+  attribute of the other kinds (kinds with no suppressed concept) is found.
+
+Intervals are Wilson score intervals (right at 0 and 1, where the normal one is not).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``successes`` of ``trials`` with its Wilson 95 % interval; NaN without trials."""
+
+    successes: int
+    trials: int
+
+    @property
+    def value(self) -> float:
+        return self.successes / self.trials if self.trials else math.nan
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.trials)
+
+    def to_dict(self) -> dict[str, float | int]:
+        lo, hi = self.ci95
+        return {"value": self.value, "ci95_low": lo, "ci95_high": hi,
+                "successes": self.successes, "trials": self.trials}
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ((nan, nan) without trials)."""
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    if trials == 0:
+        return math.nan, math.nan
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One image: what its prompt asked for and what the classifier found."""
+
+    asked: Mapping[str, str]
+    predicted: Mapping[str, str]
+
+
+def steering_metrics(judged: Sequence[Judged], suppressed: Collection[str],
+                     kind_of: Mapping[str, str]) -> dict[str, Rate]:
+    """UA, IRA and CRA of images generated while ``suppressed`` concepts were steered away."""
+    if not suppressed:
+        raise ValueError("steering metrics need at least one suppressed concept")
+    unknown = [c for c in suppressed if c not in kind_of]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; known: {', '.join(kind_of)}")
+    kinds = {kind_of[c] for c in suppressed}
+    ua = ira = cra = (0, 0)
+    for image in judged:
+        for kind in kinds:
+            wanted = image.asked.get(kind)
+            if wanted is None:
+                continue
+            found = image.predicted.get(kind)
+            if wanted in suppressed:
+                ua = (ua[0] + (found != wanted), ua[1] + 1)
+            else:
+                ira = (ira[0] + (found == wanted), ira[1] + 1)
+        others = {k: v for k, v in image.asked.items() if k not in kinds}
+        if others:
+            kept = all(image.predicted.get(k) == v for k, v in others.items())
+            cra = (cra[0] + kept, cra[1] + 1)
+    return {"UA": Rate(*ua), "IRA": Rate(*ira), "CRA": Rate(*cra)}
