@@ -6,7 +6,6 @@ registered in Redis (its registration expires when its heartbeat stops).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -27,6 +26,7 @@ def worker_healthy() -> bool:
     import redis
 
     from service.settings import Settings
+    from service.worker_registry import live_workers
 
     settings = Settings()
     if not settings.redis_url:
@@ -34,13 +34,9 @@ def worker_healthy() -> bool:
     try:
         conn = redis.Redis.from_url(settings.redis_url, socket_timeout=4)
         host = socket.gethostname()
-        for key in conn.scan_iter("steer:worker:*"):
-            raw = conn.get(key)
-            if raw and json.loads(raw).get("host") == host:
-                return True
-    except (redis.RedisError, ValueError):
+        return any(w.get("host") == host for w in live_workers(conn))
+    except redis.RedisError:
         return False
-    return False
 
 
 def main(argv: list[str]) -> int:
