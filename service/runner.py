@@ -191,7 +191,7 @@ def _request(form: GenerationCreate, size: int, rt: WorkerRuntime, policy: Polic
     """The pipeline request, its edits under ``policy`` (always-on suppressions first) and
     the parameters actually used (every default filled, the policy's suppressions included)."""
     seed = form.seed if form.seed is not None else secrets.randbelow(SEED_RANGE)
-    edits = [ConceptEdit(c.name, c.gamma, c.percentile, c.direction) for c in form.concepts]
+    edits = [c.to_edit() for c in form.concepts]
     concepts = rt.pipeline.concepts
     plan = plan_edits(resolve_edits(edits, concepts),
                       policy.suppressions(concepts) if policy is not None else [])

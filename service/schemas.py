@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from service.policy import DetectRule
-from steering.edits import Direction
+from steering.edits import ConceptEdit, Direction
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -29,6 +29,10 @@ class ConceptEditIn(BaseModel):
                                 "concept's gamma_range bounds it (GET /v1/concepts)")
     percentile: float | None = Field(None, ge=0.0, lt=100.0,
                                      description="Features above this importance percentile")
+
+    def to_edit(self) -> ConceptEdit:
+        """The core's edit (defaults still unfilled: resolve_edits fills them)."""
+        return ConceptEdit(self.name, self.gamma, self.percentile, self.direction)
 
 
 class GenerationCreate(BaseModel):

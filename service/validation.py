@@ -11,7 +11,7 @@ from service.catalog import Catalog
 from service.errors import ApiError
 from service.schemas import BatchCreate, GenerationCreate
 from service.settings import Settings
-from steering.edits import ConceptEdit, EditError, ResolvedEdit, resolve_edits
+from steering.edits import EditError, ResolvedEdit, resolve_edits
 
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
 
@@ -44,9 +44,7 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
     resolved = []
     for i, edit in enumerate(req.concepts):
         try:
-            resolved += resolve_edits(
-                [ConceptEdit(edit.name, edit.gamma, edit.percentile, edit.direction)],
-                catalog.concepts)
+            resolved += resolve_edits([edit.to_edit()], catalog.concepts)
         except EditError as exc:
             field = f"{at}concepts[{i}].{_EDIT_FIELDS.get(exc.field, exc.field)}"
             raise _invalid(field, str(exc)) from None
