@@ -205,10 +205,18 @@ def _failure_reason(job: Job) -> str:
     return lines[-1] if lines else "the job failed"
 
 
-def read_generation(queue: Queue, job_id: str) -> GenerationRecord | None:
-    """The job's API view, or None when it does not exist (or its retention has passed)."""
+def reap_abandoned(queue: Queue) -> None:
+    """Requeue (once) or fail the jobs of workers whose heartbeat stopped, so a dead worker's
+    job is never shown as "running" (RQ's own cleanup; workers also run it periodically)."""
+    StartedJobRegistry(queue=queue).cleanup()
+
+
+def read_generation(queue: Queue, job_id: str, reap: bool = True) -> GenerationRecord | None:
+    """The job's API view, or None when it does not exist (or its retention has passed).
+    ``reap=False`` when the caller just ran :func:`reap_abandoned` (reading many jobs)."""
     conn = queue.connection
-    StartedJobRegistry(queue=queue).cleanup()  # a dead worker's job is never left "running"
+    if reap:
+        reap_abandoned(queue)
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:

@@ -24,7 +24,8 @@ def _stored_batch(rt: Runtime, batch_id: str) -> tuple[str, dict[str, Any]] | No
 
 
 def _view(rt: Runtime, batch_id: str, batch: dict[str, Any], base: str) -> Batch:
-    records = [jobstore.read_generation(rt.queue, job_id) for job_id in batch["ids"]]
+    jobstore.reap_abandoned(rt.queue)  # once for the whole batch, not once per job
+    records = [jobstore.read_generation(rt.queue, job_id, reap=False) for job_id in batch["ids"]]
     return batch_view(batch_id, batch["ids"], records, rt.images, base)
 
 
