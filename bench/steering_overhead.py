@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     edits = [ResolvedEdit(s, GAMMA, pct, Direction.SUPPRESS) for s in specs]
     plan = SteeringPlan(tables, sae.W_dec.detach(), edits, {KIND: names})
     detection = DetectionPlan(tables, [pct] * args.concepts, sae.device)
-    row = plan.row(0)  # the naive hook edits exactly the same features the same way
+    row = plan.row(0).parts[0][1]  # the naive hook edits the same features the same way
     naive_mult = row.scale + 1.0  # scale = -γμ - 1, so z' = z·(-γμ) = z·(scale + 1)
 
     check_same_edit(sae, tables, plan, detection, row.features, NaiveSteeringHook(

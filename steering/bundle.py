@@ -30,6 +30,7 @@ from steering.manifest import (  # re-exported: the bundle format's public names
     BundleManifest,
     scheduler_description,
 )
+from steering.recipe import PLAIN, SteeringRecipe
 from steering.sae import CFG_FILE, WEIGHTS_FILE, TopKSAE
 
 IMPORTANCE_FILE = "importance.safetensors"
@@ -68,6 +69,7 @@ class SteeringBundle:
         scheduler: dict[str, Any] | Any,
         command: str,
         hook_point: str = HOOK_POINT,
+        recipe: SteeringRecipe = PLAIN,
     ) -> SteeringBundle:
         """Assemble a bundle and its manifest (steps = table rows; checksums filled by save)."""
         concepts = list(concepts)
@@ -95,6 +97,7 @@ class SteeringBundle:
             files={},
             command=command,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            recipe=recipe,
         )
         return cls(manifest=manifest, sae=sae, tables=tables)
 

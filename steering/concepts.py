@@ -16,6 +16,19 @@ class ConceptSpec:
     default_gamma: float
     gamma_range: tuple[float, float]
     default_percentile: float
+    # Detection (content safety) selects S_c at this percentile; None = default_percentile.
+    # Kept apart so retuning steering defaults does not move calibrated policy thresholds.
+    detection_percentile: float | None = None
+    # Detection-gated recipes edit an image while this concept's running centroid score is
+    # within this margin (mean cosine) of its kind's best; tuned per kind by `steer eval`.
+    default_gate_margin: float = 0.0
+
+    @property
+    def detection_pct(self) -> float:
+        """The percentile detection uses for this concept."""
+        if self.detection_percentile is None:
+            return self.default_percentile
+        return self.detection_percentile
 
     def __post_init__(self) -> None:
         """Validate fields so a bad manifest fails at load time, not mid-generation."""
@@ -43,6 +56,17 @@ class ConceptSpec:
             raise ValueError(
                 f"concept {self.name!r}: default_percentile must be in [0, 100), got {pct}"
             )
+        margin = float(self.default_gate_margin)
+        object.__setattr__(self, "default_gate_margin", margin)
+        if not (math.isfinite(margin) and margin >= 0.0):
+            raise ValueError(f"concept {self.name!r}: default_gate_margin must be a finite "
+                             f"number ≥ 0, got {margin}")
+        if self.detection_percentile is not None:
+            det = float(self.detection_percentile)
+            object.__setattr__(self, "detection_percentile", det)
+            if not 0.0 <= det < 100.0:
+                raise ValueError(f"concept {self.name!r}: detection_percentile must be in "
+                                 f"[0, 100), got {det}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (gamma_range as a 2-list)."""
@@ -52,6 +76,10 @@ class ConceptSpec:
             "default_gamma": self.default_gamma,
             "gamma_range": [self.gamma_range[0], self.gamma_range[1]],
             "default_percentile": self.default_percentile,
+            **({} if self.detection_percentile is None
+               else {"detection_percentile": self.detection_percentile}),
+            **({} if self.default_gate_margin == 0.0
+               else {"default_gate_margin": self.default_gate_margin}),
         }
 
     @classmethod
@@ -67,4 +95,6 @@ class ConceptSpec:
             default_gamma=d["default_gamma"],
             gamma_range=tuple(d["gamma_range"]),  # type: ignore[arg-type]
             default_percentile=d["default_percentile"],
+            detection_percentile=d.get("detection_percentile"),
+            default_gate_margin=d.get("default_gate_margin", 0.0),
         )

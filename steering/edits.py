@@ -32,6 +32,7 @@ class ConceptEdit:
     gamma: float | None = None
     percentile: float | None = None
     direction: Direction = Direction.SUPPRESS
+    gate_margin: float | None = None  # detection-gated recipes only (evaluation sweeps)
 
     @classmethod
     def parse(cls, spec: str) -> ConceptEdit:
@@ -61,6 +62,7 @@ class ResolvedEdit:
     gamma: float
     percentile: float
     direction: Direction
+    gate_margin: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -89,5 +91,8 @@ def resolve_edits(edits: list[ConceptEdit], concepts: dict[str, ConceptSpec]) ->
         pct = spec.default_percentile if edit.percentile is None else float(edit.percentile)
         if not 0.0 <= pct < 100.0:
             raise EditError("percentile", f"percentile {pct} for {spec.name!r} must be in [0, 100)")
-        resolved.append(ResolvedEdit(spec, gamma, pct, Direction(edit.direction)))
+        margin = spec.default_gate_margin if edit.gate_margin is None else float(edit.gate_margin)
+        if not (math.isfinite(margin) and margin >= 0.0):
+            raise EditError("gate_margin", f"gate margin {margin} for {spec.name!r} must be ≥ 0")
+        resolved.append(ResolvedEdit(spec, gamma, pct, Direction(edit.direction), margin))
     return resolved

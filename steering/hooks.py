@@ -15,8 +15,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor
 
+from steering.gate import ConceptGate
 from steering.importance_tables import ImportanceTables
-from steering.plan import DetectionPlan, SteeringPlan
+from steering.plan import DetectionPlan, RowPlan, SteeringPlan
 from steering.sae import TopKSAE
 
 HOOK_PREFIX = "sae_steering."
@@ -90,10 +91,11 @@ class SteeringHook(ModelHook):
 
     def __init__(self, sae: TopKSAE, tables: ImportanceTables, tracker: StepTracker, cfg: bool,
                  plan: SteeringPlan | None, detection: DetectionPlan | None,
-                 cond_only: bool = False) -> None:
+                 cond_only: bool = False, gate: ConceptGate | None = None) -> None:
         super().__init__()
         self.sae, self.tables, self.tracker, self.cfg = sae, tables, tracker, cfg
         self.plan, self.detection, self.cond_only = plan, detection, cond_only
+        self.gate = gate
         self.detection_sum: Tensor | None = None
         self.detection_steps = 0
 
@@ -111,11 +113,28 @@ class SteeringHook(ModelHook):
             self.detection_steps += 1
         if not self.plan:
             return output
-        delta = self.plan.row(row).delta(values, indices)
+        if self.gate is not None:
+            self.gate.update(cond_half(values.view(n, h * w, -1), self.cfg),
+                             cond_half(indices.view(n, h * w, -1), self.cfg), row)
+        delta = self._delta(self.plan.row(row), values, indices, n)
         if self.cond_only and self.cfg:
             delta = delta.view(n, h * w, -1)
             delta[: n // 2] = 0
         return replace_output(output, x + from_tokens(delta, x).to(x.dtype))
+
+    def _delta(self, row: RowPlan, values: Tensor, indices: Tensor, n: int) -> Tensor:
+        """Sum of the row's edits [T, d_in]; a gated edit only on images where its concept is."""
+        delta: Tensor | None = None
+        for gate_concept, part in row.parts:
+            d = part.delta(values, indices)
+            if gate_concept is not None and self.gate is not None:
+                keep = self.gate.present(gate_concept).to(d.dtype)
+                if self.cfg:
+                    keep = torch.cat([keep, keep])  # both halves of a gated image
+                d = (d.view(n, -1, d.shape[-1]) * keep.view(n, 1, 1)).view(-1, d.shape[-1])
+            delta = d if delta is None else delta + d
+        assert delta is not None  # a truthy plan has at least one part
+        return delta
 
     def detection_scores(self) -> Tensor | None:
         """Mean over steps of the per-image detection scores [B, C] (None before any step)."""

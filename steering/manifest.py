@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from steering.concepts import ConceptSpec
+from steering.recipe import PLAIN, SteeringRecipe
 
-BUNDLE_FORMAT_VERSION = 1
+# 2 adds ``recipe`` (steering/recipe.py); a version-1 bundle loads with the plain recipe.
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 
 
@@ -50,6 +52,7 @@ class BundleManifest:
     files: dict[str, str]
     command: str
     created: str
+    recipe: SteeringRecipe = PLAIN
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in a fixed key order."""
@@ -66,6 +69,7 @@ class BundleManifest:
             "files": dict(sorted(self.files.items())),
             "command": self.command,
             "created": self.created,
+            "recipe": self.recipe.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -115,6 +119,7 @@ class BundleManifest:
                 files=dict(files),
                 command=str(d["command"]),
                 created=str(d["created"]),
+                recipe=SteeringRecipe.from_dict(d.get("recipe", {})),
             )
         except (TypeError, ValueError) as e:
             raise BundleError(f"{MANIFEST_FILE}: bad field value: {e}") from e

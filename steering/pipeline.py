@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -21,8 +22,10 @@ from steering.bundle import SteeringBundle
 from steering.concepts import ConceptSpec
 from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
+from steering.gate import ConceptGate
 from steering.hooks import SteeringHook, StepTracker, attached
 from steering.plan import DetectionPlan, SteeringPlan
+from steering.recipe import SteeringRecipe
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -40,7 +43,7 @@ class GenerationCanceled(Exception):
 class GenerationRequest:
     """Everything that determines a generation (the steering edits included)."""
 
-    prompt: str
+    prompt: str | list[str]
     negative_prompt: str | None = None
     edits: Sequence[ConceptEdit] = ()
     seed: int = 0
@@ -50,10 +53,26 @@ class GenerationRequest:
     height: int | None = None
     n_images: int = 1
 
+    seed_list: Sequence[int] | None = None
+    recipe: SteeringRecipe | None = None  # None: the bundle's default recipe
+
     @property
     def seeds(self) -> list[int]:
-        """Seed of each image: seed + i."""
+        """Seed of each image: seed + i, or ``seed_list`` when a batch of prompts gives its own."""
+        if self.seed_list is not None:
+            return list(self.seed_list)
         return [self.seed + i for i in range(self.n_images)]
+
+    @classmethod
+    def batch(cls, prompts: Sequence[str], seeds: Sequence[int], **kwargs: Any
+              ) -> GenerationRequest:
+        """One image per (prompt, seed) pair in one pipeline call (evaluation sweeps): image i
+        has the noise a single request for prompts[i] with seed seeds[i] would get, and equals
+        its image up to the float rounding of batched kernels."""
+        if len(prompts) != len(seeds) or not prompts:
+            raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and "
+                             f"{len(seeds)} seeds")
+        return cls(prompt=list(prompts), seed_list=list(seeds), **kwargs)
 
 
 @dataclass
@@ -100,7 +119,7 @@ class SteeredPipeline:
             for spec in bundle.manifest.concepts:
                 self._kinds.setdefault(spec.kind, []).append(spec.name)
             self._detection = DetectionPlan(
-                bundle.tables, [c.default_percentile for c in bundle.manifest.concepts],
+                bundle.tables, [c.detection_pct for c in bundle.manifest.concepts],
                 pipe.device)
             self.sae = sae.eval().requires_grad_(False)
 
@@ -151,23 +170,29 @@ class SteeredPipeline:
         hooks = []
         steer = None
         if self.bundle is not None:
-            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds)
+            recipe = request.recipe or self.bundle.manifest.recipe
+            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe)
+            margins = plan.gate_margins
+            gate = ConceptGate(self.bundle.tables, self._kinds, margins) if margins else None
             steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
-                                 self._detection)
+                                 self._detection, gate=gate)
             hooks = [(self.pipe.unet, "step_tracker", tracker),
                      (self.block, "steering", steer)]
         size = self.default_size()
         device = self.pipe.device
         generators = [torch.Generator(device).manual_seed(s) for s in request.seeds]
+        negative = request.negative_prompt
+        if isinstance(request.prompt, list) and negative is not None:
+            negative = [negative] * len(request.prompt)  # diffusers wants the prompt's type
         with attached(hooks):
             out = self.pipe(
                 prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
+                negative_prompt=negative,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance,
                 height=request.height or size,
                 width=request.width or size,
-                num_images_per_prompt=request.n_images,
+                num_images_per_prompt=1 if isinstance(request.prompt, list) else request.n_images,
                 generator=generators,
                 callback_on_step_end=on_step_end,
             )

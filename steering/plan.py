@@ -14,6 +14,7 @@ from torch import Tensor
 
 from steering.edits import Direction, ResolvedEdit
 from steering.importance_tables import ImportanceTables
+from steering.recipe import PLAIN, SteeringRecipe
 
 
 def gather_latents(values: Tensor, indices: Tensor, features: Tensor) -> Tensor:
@@ -39,56 +40,126 @@ class RowEdit:
         return dz @ self.directions
 
 
+@dataclass
+class RowReplace:
+    """Suppression by replacement at one row: per token, remove the concept's features S_c and
+    add γ·s·μ̄ over the kind's other concepts' features S_o, where s = Σ_{S_c} z / Σ_{S_c} μ_c
+    is how strongly the token carries the concept (see :mod:`steering.recipe`)."""
+
+    features: Tensor  # [m] long: S_c
+    concept_mass: Tensor  # [] Σ_{j∈S_c} μ_{c,t,j}
+    directions: Tensor  # [m, d_in]
+    target: Tensor  # [u]: γ · mean over the other concepts of μ_{c',t,j}, j ∈ S_o
+    target_directions: Tensor  # [u, d_in]
+
+    def delta(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Σ_j (z'_j − z_j) d_j for each token: [T, k] codes -> [T, d_in]."""
+        z = gather_latents(values, indices, self.features)
+        strength = z.sum(-1, keepdim=True) / self.concept_mass
+        return (-z) @ self.directions + (strength * self.target) @ self.target_directions
+
+
+@dataclass
+class RowPlan:
+    """The edits of one row: (gate concept index or None, edit); gated edits apply only to the
+    images in which the gate finds that concept."""
+
+    parts: list[tuple[int | None, RowEdit | RowReplace]]
+
+
 class SteeringPlan:
-    """Per-row RowEdits for a request's active edits, built lazily and cached."""
+    """Per-row edits for a request's active edits under a recipe, built lazily and cached."""
 
     def __init__(self, tables: ImportanceTables, w_dec: Tensor, edits: list[ResolvedEdit],
-                 kinds: dict[str, list[str]]) -> None:
+                 kinds: dict[str, list[str]], recipe: SteeringRecipe = PLAIN) -> None:
         self.tables = tables
         self.w_dec = w_dec
         self.edits = [e for e in edits if e.active]
         self.kinds = kinds
-        self._rows: dict[int, RowEdit] = {}
+        self.recipe = recipe
+        self._rows: dict[int, RowPlan] = {}
 
     def __bool__(self) -> bool:
         return bool(self.edits)
 
-    def row(self, r: int) -> RowEdit:
-        """The RowEdit at table row r; a feature chosen by two edits takes the first's edit."""
+    @property
+    def gate_margins(self) -> dict[str, float]:
+        """Gate margin of each concept whose edit is detection-gated under this recipe."""
+        if not self.recipe.gate:
+            return {}
+        return {e.spec.name: e.gate_margin for e in self.edits
+                if e.direction is Direction.SUPPRESS}
+
+    def row(self, r: int) -> RowPlan:
+        """The edits at table row r; a feature chosen by two edits takes the first's edit."""
         cached = self._rows.get(r)
         if cached is not None:
             return cached
         t = self.tables
         seen: set[int] = set()
-        feats, thr, scale, shift = [], [], [], []
+        merged: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        parts: list[tuple[int | None, RowEdit | RowReplace]] = []
         for edit in self.edits:
             c = t.concept_index(edit.spec.name)
             chosen = [j for j in t.selected_features(c, r, edit.percentile).tolist()
                       if j not in seen]
             seen.update(chosen)
             idx = torch.tensor(chosen, dtype=torch.long, device=t.means.device)
+            if edit.direction is Direction.AMPLIFY:
+                mu = t.means[c, r, idx]
+                merged.append((idx, torch.full_like(mu, -torch.inf), torch.zeros_like(mu),
+                               edit.gamma * mu))
+                continue
+            gate = c if self.recipe.gate else None
+            if self.recipe.name == "replace":
+                parts.append((gate, self._replace(edit, c, r, idx)))
+                continue
+            kind = [t.concept_index(n) for n in self.kinds[edit.spec.kind]]
             mu = t.means[c, r, idx]
-            if edit.direction is Direction.SUPPRESS:
-                kind = [t.concept_index(n) for n in self.kinds[edit.spec.kind]]
-                thr.append(t.means[kind][:, r, idx].mean(0))
-                scale.append(-edit.gamma * mu - 1.0)
-                shift.append(torch.zeros_like(mu))
+            one = (idx, t.means[kind][:, r, idx].mean(0), -edit.gamma * mu - 1.0,
+                   torch.zeros_like(mu))
+            if gate is None:
+                merged.append(one)
             else:
-                thr.append(torch.full_like(mu, -torch.inf))
-                scale.append(torch.zeros_like(mu))
-                shift.append(edit.gamma * mu)
-            feats.append(idx)
+                parts.append((gate, self._row_edit([one])))
+        if merged:
+            parts.insert(0, (None, self._row_edit(merged)))
+        plan = RowPlan(parts)
+        self._rows[r] = plan
+        return plan
+
+    def _row_edit(self, pieces: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> RowEdit:
+        """One RowEdit from (features, threshold, scale, shift) pieces."""
         device, dtype = self.w_dec.device, self.w_dec.dtype
-        features = torch.cat(feats).to(device)
-        edit = RowEdit(
+        features = torch.cat([p[0] for p in pieces]).to(device)
+        return RowEdit(
             features=features,
-            threshold=torch.cat(thr).to(device, dtype),
-            scale=torch.cat(scale).to(device, dtype),
-            shift=torch.cat(shift).to(device, dtype),
+            threshold=torch.cat([p[1] for p in pieces]).to(device, dtype),
+            scale=torch.cat([p[2] for p in pieces]).to(device, dtype),
+            shift=torch.cat([p[3] for p in pieces]).to(device, dtype),
             directions=self.w_dec[features],
         )
-        self._rows[r] = edit
-        return edit
+
+    def _replace(self, edit: ResolvedEdit, c: int, r: int, idx: Tensor) -> RowReplace:
+        """RowReplace for suppressing concept index c (features idx) at row r."""
+        t = self.tables
+        others = [t.concept_index(n) for n in self.kinds[edit.spec.kind] if n != edit.spec.name]
+        if others:
+            target_idx = torch.unique(torch.cat([t.selected_features(o, r, edit.percentile)
+                                                 for o in others]))
+            target = edit.gamma * t.means[others][:, r, target_idx].mean(0)
+        else:  # a kind with one concept: nothing to move towards, only removal
+            target_idx = torch.zeros(0, dtype=torch.long, device=t.means.device)
+            target = torch.zeros(0, device=t.means.device)
+        device, dtype = self.w_dec.device, self.w_dec.dtype
+        mass = t.means[c, r, idx].sum().clamp_min(torch.finfo(torch.float32).tiny)
+        return RowReplace(
+            features=idx.to(device),
+            concept_mass=mass.to(device, dtype),
+            directions=self.w_dec[idx.to(device)],
+            target=target.to(device, dtype),
+            target_directions=self.w_dec[target_idx.to(device)],
+        )
 
 
 class DetectionPlan:

@@ -1,0 +1,55 @@
+"""Detection gate: per image, is a concept present, judged from the SAE code at the hook.
+
+Each call adds, for every kind, the cosine between the image's mean code over tokens (cond
+half) and each concept's mean code μ_{c,t} at that step. An image "has" concept c while c has
+the highest running sum of its kind, or is within the concept's margin (in mean cosine) of
+it: a margin trades a little in-domain retention for recall, since a missed image is not
+edited at all. Nearest-centroid over all n latents uses the tables the bundle already has and
+was far more reliable on the toy world than the sparse detection score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from steering.importance_tables import ImportanceTables
+
+
+class ConceptGate:
+    """Running nearest-centroid decision per image for the concepts of the gated kinds."""
+
+    def __init__(self, tables: ImportanceTables, kinds: dict[str, list[str]],
+                 margins: dict[str, float]) -> None:
+        self.tables = tables
+        self.margins = {tables.concept_index(c): m for c, m in margins.items()}
+        self.steps = 0
+        self.groups: dict[str, list[int]] = {}
+        self.kind_of: dict[int, str] = {}
+        for kind, names in kinds.items():
+            if any(c in names for c in margins):
+                self.groups[kind] = [tables.concept_index(n) for n in names]
+        for kind, members in self.groups.items():
+            for c in members:
+                self.kind_of[c] = kind
+        self.running: dict[str, Tensor] = {}
+
+    def update(self, values: Tensor, indices: Tensor, row: int) -> None:
+        """Add one step's evidence from cond-half codes [B, tokens, k]."""
+        b, tokens, _ = values.shape
+        self.steps += 1
+        mean_code = torch.zeros(b, self.tables.num_latents, device=values.device)
+        mean_code.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
+        mean_code = torch.nn.functional.normalize(mean_code / tokens, dim=1)
+        for kind, members in self.groups.items():
+            mu = torch.nn.functional.normalize(self.tables.means[members, row].float(), dim=1)
+            cos = mean_code @ mu.to(mean_code.device).T
+            prev = self.running.get(kind)
+            self.running[kind] = cos if prev is None else prev + cos
+
+    def present(self, concept_index: int) -> Tensor:
+        """[B] bool: the images whose running nearest concept of its kind is this one."""
+        kind = self.kind_of[concept_index]
+        run = self.running[kind]
+        mine = run[:, self.groups[kind].index(concept_index)]
+        return mine >= run.max(1).values - self.margins.get(concept_index, 0.0) * self.steps

@@ -1,0 +1,51 @@
+"""How suppression edits are applied: the plain SAeUron recipe or gated replacement.
+
+``plain`` is DESIGN §3 as written: where a chosen feature is on, z' = −γ·μ·z, on every image.
+``replace`` (this project's default since bundle format 2, chosen by ``steer eval``) moves each
+token from the suppressed concept to the rest of its kind instead of pushing it off the
+activation distribution: the concept's chosen features are removed and the mean code of the
+kind's other concepts is added, scaled by how strongly the token carried the concept (γ = 1 is
+an exact swap, more overshoots). ``gate`` edits an image only while the SAE code says the
+concept is there (nearest concept centroid of its kind), so prompts without it are untouched.
+A bundle names its default in the manifest; a request may override it (evaluation compares
+both on the same prompts and seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+RECIPE_NAMES = ("plain", "replace")
+
+
+@dataclass(frozen=True)
+class SteeringRecipe:
+    """The suppression rule (``name``) and whether it is detection-gated per image."""
+
+    name: str = "plain"
+    gate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPE_NAMES:
+            raise ValueError(f"unknown steering recipe {self.name!r}; known: "
+                             f"{', '.join(RECIPE_NAMES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (manifest.json, provenance)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SteeringRecipe:
+        """Parse the manifest's ``recipe`` object."""
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe must be an object like {{\"name\": \"replace\", "
+                             f"\"gate\": true}}, got {d!r}")
+        gate = d.get("gate", False)
+        if not isinstance(gate, bool):
+            raise ValueError(f"recipe gate must be true or false, got {gate!r}")
+        return cls(name=str(d.get("name", "plain")), gate=gate)
+
+
+PLAIN = SteeringRecipe()
+GATED_REPLACE = SteeringRecipe("replace", gate=True)
