@@ -108,6 +108,7 @@ class SteeringBundle:
         manifest_path = directory / MANIFEST_FILE
         # An old manifest must not vouch for files that are about to be replaced.
         manifest_path.unlink(missing_ok=True)
+        self.manifest.format_version = BUNDLE_FORMAT_VERSION  # written in today's format
         self.sae.save_pretrained(directory)
         self.tables.save(directory / IMPORTANCE_FILE)
         self.manifest.files = {name: sha256_file(directory / name) for name in REQUIRED_FILES}

@@ -32,6 +32,7 @@ from steering.bundle import MANIFEST_FILE, BundleError, SteeringBundle
 from steering.concepts import ConceptSpec
 from steering.fingerprint import pipeline_fingerprint
 from steering.importance_tables import ImportanceTables
+from steering.recipe import GATED_REPLACE, SteeringRecipe
 from steering.sae import TopKSAE
 from training.activations.prompts import PromptRecord, concept_kinds, load_prompts
 from training.activations.store import ActivationStore
@@ -139,11 +140,13 @@ def _entry(d: Any, where: str) -> dict[str, Any]:
 def export_bundle(
     sae_dir: str | Path, tables_path: str | Path, store_dir: str | Path, out: str | Path,
     spec: ConceptsSpec | None = None, command: str | None = None,
+    recipe: SteeringRecipe = GATED_REPLACE,
 ) -> SteeringBundle:
     """Write a bundle from an SAE folder, importance tables and the store they came from.
 
     The store's manifest gives the pipeline fingerprint, scheduler and hook point; its prompt
-    file gives each concept's kind.
+    file gives each concept's kind. New bundles use this project's recipe (gated
+    replacement, docs/steering-method.md); `steer eval --write-defaults` tunes its defaults.
     """
     sae = TopKSAE.from_pretrained(sae_dir)
     tables = ImportanceTables.load(tables_path)
@@ -163,7 +166,8 @@ def export_bundle(
                          f"{store_dir} is labelled with; pass the store the tables came from")
     specs = (spec or ConceptsSpec()).resolve(tables.concepts, kinds)
     bundle = SteeringBundle.create(sae, tables, specs, m.pipeline_fingerprint, m.scheduler,
-                                   command or current_command(), hook_point=m.hook_point)
+                                   command or current_command(), hook_point=m.hook_point,
+                                   recipe=recipe)
     save_bundle(bundle, out)
     return bundle
 
@@ -244,7 +248,8 @@ def add_concept(
     new_spec = (spec or ConceptsSpec()).spec_for(concept, kind, base)
     new = SteeringBundle.create(
         bundle.sae, tables, [*m.concepts, new_spec], m.pipeline_fingerprint, m.scheduler,
-        f"{m.command} && {command or current_command()}", hook_point=m.hook_point)
+        f"{m.command} && {command or current_command()}", hook_point=m.hook_point,
+        recipe=m.recipe)
     save_bundle(new, out)
     return new
 

@@ -65,6 +65,10 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         "",
         "## Default γ and percentile per kind",
         "",
+        "**The shipped defaults and recipe come from `steer eval --write-defaults`** "
+        "(docs/results.md, docs/steering-method.md), run after this build; the table below "
+        "is the build's own first, small tuning.",
+        "",
         "Tuned on tuning seeds (800000+, never the check's) over the grid below, 4 seeds per "
         "concept: *removed* = mean over the kind's concepts of the share of images without "
         "the concept, *kept* = share still showing the prompt's other attributes. The "
