@@ -90,10 +90,13 @@ class WorkerRuntime:
 
     @cached_property
     def provenance(self) -> dict[str, Any]:
-        """Pipeline fingerprint, bundle sha256 and scheduler of every job this runtime runs."""
+        """Pipeline fingerprint, bundle sha256 and recipe, and scheduler of every job this
+        runtime runs."""
         bundle = self.pipeline.bundle
         return {"pipeline_fingerprint": self.pipeline.fingerprint,
                 "bundle_sha256": bundle.sha256 if bundle is not None else None,
+                "steering_recipe": (bundle.manifest.recipe.to_dict() if bundle is not None
+                                    else None),
                 "scheduler": scheduler_description(self.pipeline.pipe.scheduler),
                 "version": _package_version()}
 

@@ -145,7 +145,8 @@ class Generation(BaseModel):
     parameters: dict = Field(default_factory=dict,
                              description="The parameters actually used (defaults filled)")
     provenance: dict = Field(default_factory=dict, description="Pipeline fingerprint, bundle "
-                             "sha256, scheduler, worker (once the job ran)")
+                             "sha256 and steering recipe, scheduler, worker (once the job "
+                             "ran)")
     detection: list[dict[str, float]] = Field(
         default_factory=list, description="Per image: concept -> detection score")
     images: list[ImageOut] = Field(default_factory=list)
