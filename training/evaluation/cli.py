@@ -51,6 +51,8 @@ def _command(ctx: typer.Context) -> str:
         source = ctx.get_parameter_source(param.name)  # typer vendors click: compare names
         if param.name not in ctx.params or getattr(source, "name", "DEFAULT") == "DEFAULT":
             continue
+        if param.name == "note":  # printed as itself, not as part of the command
+            continue
         value = ctx.params[param.name]
         if isinstance(value, bool):
             flags = param.opts if value else param.secondary_opts
@@ -112,6 +114,8 @@ def eval_command(
                                     "red and circle, 4 UA + 4 IRA pairs each, one sweep point "
                                     "per swept method, 10 steps."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    note: str = typer.Option("", help="A paragraph for results.md under the command, e.g. "
+                             "which cells came from an earlier run on another device."),
 ) -> None:
     """Compare none / negative prompt / SLD / plain SAeUron / ours on held-out toy prompts."""
     from training.evaluation.methods import METHOD_NAMES
@@ -129,7 +133,8 @@ def eval_command(
         ours_margins=_floats(ours_margins, "--ours-margins"),
         write_defaults=write_defaults, steps=steps, guidance=guidance, synonyms=synonyms,
         multi=multi, rerun=_list(rerun, METHOD_NAMES, "method(s)") if rerun else (),
-        progress=progress, command=_command(ctx), smoke=smoke, sld_config=sld_config.upper())
+        progress=progress, command=_command(ctx), smoke=smoke, sld_config=sld_config.upper(),
+        note=note)
     if smoke:
         if write_defaults:
             raise typer.BadParameter("--smoke never writes defaults into a bundle",

@@ -104,6 +104,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
         + ("**Smoke run**: tiny sizes, the figures only show the harness works. "
            if cfg.get("smoke") else ""),
         "",
+        *([str(cfg["note"]), ""] if cfg.get("note") else []),
         "Judge: the toy world's attribute classifier (`assets/toy-classifier`). While "
         "suppressing concept c of kind K: **UA** = share of images of prompts asking for c "
         "in which the classifier does not find c; **IRA** = share of images of prompts asking "

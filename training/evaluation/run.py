@@ -274,6 +274,7 @@ class EvalConfig:
     progress: bool = True
     command: str = ""
     smoke: bool = False
+    note: str = ""  # printed under the command in results.md (e.g. where cached cells came from)
 
     def validate(self) -> None:
         """Refuse unknown methods / concepts and impossible sizes before any work."""
