@@ -29,6 +29,7 @@ from steering.pipeline import GenerationRequest, GenerationResult
 ROOT = Path(__file__).resolve().parents[2]
 TOY_POLICY = ROOT / "policies" / "toy.toml"
 CONCEPTS = load_catalog(REPO_ASSETS / "toy-bundle").concepts
+RED = CONCEPTS["red"]  # a policy entry without γ / percentile takes the bundle's defaults
 
 GOOD = """
 default = "public"
@@ -153,7 +154,7 @@ def test_policy_check_command_accepts_the_shipped_file_and_rejects_bad_ones(tmp_
     good = runner.invoke(policy_app, ["check", str(TOY_POLICY), *bundle])
     assert good.exit_code == 0, good.output
     assert "OK against" in good.output and "public (default)" in good.output
-    assert "suppress red: γ 60, percentile 99" in good.output
+    assert "suppress red: γ 40, percentile 90" in good.output  # as policies/toy.toml says
     assert "detect cross: score ≥ 0.2 → refuse" in good.output
     bad = write(tmp_path, GOOD.replace('"striped"', '"zebra"'))
     result = runner.invoke(policy_app, ["check", str(bad), *bundle])
@@ -221,7 +222,8 @@ def test_below_threshold_nothing_happens_and_every_check_is_reported():
     assert out.refusal is None and len(out.images) == 3 and len(pipe.calls) == 1
     report = out.report
     assert report is not None and report["name"] == "public" and not report["refused"]
-    assert report["suppressed"] == [{"concept": "red", "gamma": 60.0, "percentile": 99.0,
+    assert report["suppressed"] == [{"concept": "red", "gamma": RED.default_gamma,
+                                     "percentile": RED.default_percentile,
                                      "direction": "suppress"}]
     second = report["images"][1]
     assert second["seed"] == 11 and not second["flagged"] and not second["steered"]
@@ -231,7 +233,8 @@ def test_below_threshold_nothing_happens_and_every_check_is_reported():
         0.49, 0.5, "refuse", "none")
     assert cross["reason"] == "score 0.490 < threshold 0.5: no action"
     # The always-on suppression was applied, first.
-    assert pipe.calls[0].edits[0] == ConceptEdit("red", 60.0, 99.0, Direction.SUPPRESS)
+    assert pipe.calls[0].edits[0] == ConceptEdit("red", RED.default_gamma,
+                                                  RED.default_percentile, Direction.SUPPRESS)
 
 
 def test_mark_flags_the_image_and_returns_it():
@@ -281,4 +284,5 @@ def test_without_a_policy_the_generation_is_untouched():
     pipe = ScriptedPipeline({10: scores(cross=1.0)})
     out = run(pipe, None, n_images=1, edits=(ConceptEdit("red", 2.0),))
     assert out.report is None and out.refusal is None and len(out.images) == 1
-    assert pipe.calls[0].edits == [ConceptEdit("red", 2.0, 99.0, Direction.SUPPRESS)]
+    assert pipe.calls[0].edits == [ConceptEdit("red", 2.0, RED.default_percentile,
+                                               Direction.SUPPRESS)]

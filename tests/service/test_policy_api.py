@@ -13,9 +13,11 @@ from rq import Queue
 from typer.testing import CliRunner
 
 from service import auth, runner
+from service.catalog import load_catalog
 from service.cli_keys import keys_app
 from service.jobstore import enqueue_generation, new_id
 from service.policy import PolicyError
+from service.settings import REPO_ASSETS
 from tests.service.api_support import api_client
 from tests.service.conftest import fast_settings, settings_env
 from tests.service.worker_support import ROOT, record, run_queued
@@ -58,7 +60,7 @@ def test_get_policy_is_the_default_unless_the_key_names_another(guarded, conn):
         public = c.get("/v1/policy", headers=bearer(plain)).json()
         assert (public["name"], public["source"]) == ("public", "default")
         assert public["suppress"] == [{"concept": "red", "direction": "suppress",
-                                       "gamma": 60.0, "percentile": 99.0}]
+                                       "gamma": 40.0, "percentile": 90.0}]  # policies/toy.toml
         assert public["detect"][0] == {"concept": "cross", "threshold": 0.2,
                                        "action": "refuse"}
         mine = c.get("/v1/policy", headers=bearer(trusted)).json()
@@ -113,9 +115,10 @@ def test_the_callers_policy_is_applied_refused_steered_and_flagged(guarded, conn
     assert steered["status"] == "succeeded", steered["error"]
     # The policy's red suppression replaced the request's amplification of red ...
     assert steered["parameters"]["concepts"] == [
-        {"name": "red", "direction": "suppress", "gamma": 60.0, "percentile": 99.0}]
+        {"name": "red", "direction": "suppress", "gamma": 40.0, "percentile": 90.0}]
     assert steered["policy"]["replaced"] == [
-        {"concept": "red", "direction": "amplify", "gamma": 5.0, "percentile": 99.0}]
+        {"concept": "red", "direction": "amplify", "gamma": 5.0,
+         "percentile": load_catalog(REPO_ASSETS / "toy-bundle").concepts["red"].default_percentile}]
     # ... and the striped background was steered away: same seed, both scores reported.
     (image,) = steered["policy"]["images"]
     assert image["steered"] and not image["flagged"] and image["seed"] == 1_200_114

@@ -33,7 +33,8 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from service.app import create_app
 from service.auth import create_key
-from service.settings import Settings
+from service.catalog import load_catalog
+from service.settings import REPO_ASSETS, Settings
 from tests.service.conftest import TEST_REDIS_URL, fast_settings, free_port, shared_redis
 from tests.service.worker_support import ROOT, WorkerProcess, start_worker
 
@@ -212,7 +213,8 @@ def test_submit_watch_progress_and_see_both_images(page: Page, stack: Stack) -> 
     expect(group(page, "green").get_by_role("radio")).to_have_count(0)
     red = group(page, "red")
     fill_request(page, steps=60)
-    expect(red.get_by_label(re.compile("^γ"))).to_have_value("60")  # the bundle's default
+    red_spec = load_catalog(REPO_ASSETS / "toy-bundle").concepts["red"]
+    expect(red.get_by_label(re.compile("^γ"))).to_have_value(f"{red_spec.default_gamma:g}")
     record_progress(page)
     page.get_by_role("button", name="Generate", exact=True).click()
 
@@ -229,7 +231,8 @@ def test_submit_watch_progress_and_see_both_images(page: Page, stack: Stack) -> 
         assert link.get_attribute("download") == f"sae-steering-11-{role}.png"
         png = page.request.get(link.get_attribute("href"))
         assert png.ok and png.body()[:8] == b"\x89PNG\r\n\x1a\n"
-    expect(panel(page, "edited").locator(".panel-note")).to_contain_text("−red γ60 p99")
+    expect(panel(page, "edited").locator(".panel-note")).to_contain_text(  # the defaults
+        f"−red γ{red_spec.default_gamma:g} p{red_spec.default_percentile:g}")
     checks = panel(page, "unedited").get_by_role("list", name="Content policy checks")
     expect(checks).to_contain_text("striped: mark — score")
     expect(panel(page, "unedited").locator(".policy-badge")).to_have_text("Flagged by the policy")
