@@ -155,7 +155,7 @@ def test_policy_check_command_accepts_the_shipped_file_and_rejects_bad_ones(tmp_
     assert good.exit_code == 0, good.output
     assert "OK against" in good.output and "public (default)" in good.output
     assert "suppress red: γ 40, percentile 90" in good.output  # as policies/toy.toml says
-    assert "detect cross: score ≥ 0.2 → refuse" in good.output
+    assert "detect cross: score ≥ 0.23 → refuse" in good.output
     bad = write(tmp_path, GOOD.replace('"striped"', '"zebra"'))
     result = runner.invoke(policy_app, ["check", str(bad), *bundle])
     assert result.exit_code == 1

@@ -61,7 +61,7 @@ def test_get_policy_is_the_default_unless_the_key_names_another(guarded, conn):
         assert (public["name"], public["source"]) == ("public", "default")
         assert public["suppress"] == [{"concept": "red", "direction": "suppress",
                                        "gamma": 40.0, "percentile": 90.0}]  # policies/toy.toml
-        assert public["detect"][0] == {"concept": "cross", "threshold": 0.2,
+        assert public["detect"][0] == {"concept": "cross", "threshold": 0.23,
                                        "action": "refuse"}
         mine = c.get("/v1/policy", headers=bearer(trusted)).json()
         assert (mine["name"], mine["source"], mine["suppress"]) == ("trusted", "api_key", [])
@@ -102,7 +102,7 @@ def test_the_callers_policy_is_applied_refused_steered_and_flagged(guarded, conn
     (image,) = policy["images"]
     cross = image["checks"][0]
     assert (cross["concept"], cross["rule"], cross["action"]) == ("cross", "refuse", "refuse")
-    assert cross["score"] >= cross["threshold"] == 0.2
+    assert cross["score"] >= cross["threshold"] == 0.23
 
     trusted_view = views["trusted"]
     assert trusted_view["status"] == "succeeded" and len(trusted_view["images"]) == 1
