@@ -105,17 +105,17 @@ class SteeringHook(ModelHook):
         row = self.tables.row_for_timestep(self.tracker.timestep)
         values, indices = self.sae.encode(to_tokens(x))
         n, _, h, w = x.shape
+        # The cond half's codes, [B, tokens, k] views: what detection and the gate read.
+        cv = cond_half(values.view(n, h * w, -1), self.cfg)
+        ci = cond_half(indices.view(n, h * w, -1), self.cfg)
         if self.detection is not None:
-            cv = cond_half(values.view(n, h * w, -1), self.cfg)
-            ci = cond_half(indices.view(n, h * w, -1), self.cfg)
             score = self.detection.score(cv, ci, row)
             self.detection_sum = score if self.detection_sum is None else self.detection_sum + score
             self.detection_steps += 1
         if not self.plan:
             return output
         if self.gate is not None:
-            self.gate.update(cond_half(values.view(n, h * w, -1), self.cfg),
-                             cond_half(indices.view(n, h * w, -1), self.cfg), row)
+            self.gate.update(cv, ci, row)
         delta = self._delta(self.plan.row(row), values, indices, n)
         if self.cond_only and self.cfg:
             delta = delta.view(n, h * w, -1)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
@@ -51,12 +51,12 @@ SWEPT = ("saeuron", "ours")
 UA_TARGET = 0.95
 
 
-class Predictor:
+class Predictor(Protocol):
     """What judges images (the attribute classifier): ``predict(images) -> [kind -> concept]``."""
 
-    def predict(self, images: list) -> list[dict[str, str]]:  # pragma: no cover - protocol
+    def predict(self, images: list) -> list[dict[str, str]]:
         """Predicted concept of each kind, per image."""
-        raise NotImplementedError
+        ...
 
 
 @dataclass(frozen=True)
