@@ -4,6 +4,7 @@
                              and steps, concepts, sha256 of every other file, the command
     cfg.json, sae.safetensors   the SAE in sparsify's layout
     importance.safetensors   scores / means [C, steps, n] and timesteps [steps]
+    translation.safetensors  optional (format 3): learned swaps per concept (translate recipe)
 
 ``manifest.json`` is written last, so a folder without one is an unfinished export.
 """
@@ -32,6 +33,7 @@ from steering.manifest import (  # re-exported: the bundle format's public names
 )
 from steering.recipe import PLAIN, SteeringRecipe
 from steering.sae import CFG_FILE, WEIGHTS_FILE, TopKSAE
+from steering.translation import TRANSLATION_FILE, TranslationTables
 
 IMPORTANCE_FILE = "importance.safetensors"
 REQUIRED_FILES = (CFG_FILE, WEIGHTS_FILE, IMPORTANCE_FILE)
@@ -50,11 +52,13 @@ def sha256_file(path: str | Path) -> str:
 
 @dataclass
 class SteeringBundle:
-    """A loaded (or about-to-be-saved) steering bundle: manifest, SAE and importance tables."""
+    """A loaded (or about-to-be-saved) steering bundle: manifest, SAE, importance tables and,
+    optionally, the learned swaps of the translate recipe."""
 
     manifest: BundleManifest
     sae: TopKSAE
     tables: ImportanceTables
+    translations: TranslationTables | None = None
     _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
 
     # -- building ----------------------------------------------------------------------------
@@ -111,7 +115,14 @@ class SteeringBundle:
         self.manifest.format_version = BUNDLE_FORMAT_VERSION  # written in today's format
         self.sae.save_pretrained(directory)
         self.tables.save(directory / IMPORTANCE_FILE)
-        self.manifest.files = {name: sha256_file(directory / name) for name in REQUIRED_FILES}
+        names = list(REQUIRED_FILES)
+        if self.translations is not None:
+            self.check_translations(self.translations, self.manifest)
+            self.translations.save(directory / TRANSLATION_FILE)
+            names.append(TRANSLATION_FILE)
+        else:
+            (directory / TRANSLATION_FILE).unlink(missing_ok=True)
+        self.manifest.files = {name: sha256_file(directory / name) for name in names}
         text = self.manifest.to_json()
         tmp = directory / (MANIFEST_FILE + ".tmp")
         with open(tmp, "w") as f:
@@ -195,16 +206,45 @@ class SteeringBundle:
                 f"lists {names} (same names in the same order are required)"
             )
 
-        # 4. pipeline fingerprint
+        # 4. learned swaps (format 3), when listed
+        translations = None
+        if TRANSLATION_FILE in manifest.files:
+            try:
+                translations = TranslationTables.load(directory / TRANSLATION_FILE, device)
+                cls.check_translations(translations, manifest)
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{TRANSLATION_FILE}: cannot load the learned swaps: {e}"
+                                  ) from e
+        elif manifest.recipe.name == "translate":
+            raise BundleError(f"{MANIFEST_FILE}: recipe 'translate' needs {TRANSLATION_FILE}, "
+                              "which the bundle does not list; rebuild it with its swaps or "
+                              "set the recipe to 'replace'")
+
+        # 5. pipeline fingerprint
         bundle = cls(
             manifest=manifest,
             sae=sae,
             tables=tables,
+            translations=translations,
             _manifest_sha256=hashlib.sha256(raw).hexdigest(),
         )
         if expected_fingerprint is not None:
             bundle.check_fingerprint(expected_fingerprint)
         return bundle
+
+    @staticmethod
+    def check_translations(translations: TranslationTables, manifest: BundleManifest) -> None:
+        """Refuse learned swaps made for another SAE size, step count or concept list."""
+        m = manifest
+        have = (translations.n_latents, translations.d_in, translations.num_steps)
+        if have != (m.n_latents, m.d_in, m.steps):
+            raise BundleError(f"{TRANSLATION_FILE}: made for [n_latents, d_in, steps] = "
+                              f"{list(have)} but {MANIFEST_FILE} says "
+                              f"{[m.n_latents, m.d_in, m.steps]}")
+        try:
+            translations.validate(c.name for c in m.concepts)
+        except ValueError as e:
+            raise BundleError(f"{TRANSLATION_FILE}: {e}") from e
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse a pipeline other than the one the bundle was made for."""

@@ -14,7 +14,8 @@ from steering.concepts import ConceptSpec
 from steering.recipe import PLAIN, SteeringRecipe
 
 # 2 adds ``recipe`` (steering/recipe.py); a version-1 bundle loads with the plain recipe.
-BUNDLE_FORMAT_VERSION = 2
+# 3 adds the optional learned swaps, translation.safetensors (steering/translation.py).
+BUNDLE_FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 
 

@@ -171,7 +171,8 @@ class SteeredPipeline:
         steer = None
         if self.bundle is not None:
             recipe = request.recipe or self.bundle.manifest.recipe
-            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe)
+            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe,
+                                self.bundle.translations)
             margins = plan.gate_margins
             gate = ConceptGate(self.bundle.tables, self._kinds, margins) if margins else None
             steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,

@@ -15,6 +15,7 @@ from torch import Tensor
 from steering.edits import Direction, ResolvedEdit
 from steering.importance_tables import ImportanceTables
 from steering.recipe import PLAIN, SteeringRecipe
+from steering.translation import TranslationTables
 
 
 def gather_latents(values: Tensor, indices: Tensor, features: Tensor) -> Tensor:
@@ -60,19 +61,38 @@ class RowReplace:
 
 
 @dataclass
+class RowTranslate:
+    """Suppression by a learned swap at one row (:mod:`steering.translation`): per token,
+    Δx = γ·(Σ_j z_j·D_j + b) over the features j the swap was fitted on."""
+
+    features: Tensor  # [m] long
+    deltas: Tensor  # [m, d_in]: γ·D_j
+    bias: Tensor  # [d_in]: γ·b
+
+    def delta(self, values: Tensor, indices: Tensor) -> Tensor:
+        """The learned edit for each token: [T, k] codes -> [T, d_in]."""
+        return gather_latents(values, indices, self.features) @ self.deltas + self.bias
+
+
+RowPart = RowEdit | RowReplace | RowTranslate
+
+
+@dataclass
 class RowPlan:
     """The edits of one row: (gate concept index or None, edit); gated edits apply only to the
     images in which the gate finds that concept."""
 
-    parts: list[tuple[int | None, RowEdit | RowReplace]]
+    parts: list[tuple[int | None, RowPart]]
 
 
 class SteeringPlan:
     """Per-row edits for a request's active edits under a recipe, built lazily and cached."""
 
     def __init__(self, tables: ImportanceTables, w_dec: Tensor, edits: list[ResolvedEdit],
-                 kinds: dict[str, list[str]], recipe: SteeringRecipe = PLAIN) -> None:
+                 kinds: dict[str, list[str]], recipe: SteeringRecipe = PLAIN,
+                 translations: TranslationTables | None = None) -> None:
         self.tables = tables
+        self.translations = translations
         self.w_dec = w_dec
         self.edits = [e for e in edits if e.active]
         self.kinds = kinds
@@ -98,7 +118,7 @@ class SteeringPlan:
         t = self.tables
         seen: set[int] = set()
         merged: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        parts: list[tuple[int | None, RowEdit | RowReplace]] = []
+        parts: list[tuple[int | None, RowPart]] = []
         for edit in self.edits:
             c = t.concept_index(edit.spec.name)
             chosen = [j for j in t.selected_features(c, r, edit.percentile).tolist()
@@ -111,7 +131,16 @@ class SteeringPlan:
                                edit.gamma * mu))
                 continue
             gate = c if self.recipe.gate else None
-            if self.recipe.name == "replace":
+            learned = (self.translations.get(edit.spec.name)
+                       if self.recipe.name == "translate" and self.translations else None)
+            if learned is not None:
+                feats, deltas, bias = learned.at(r, t.num_latents)
+                device, dtype = self.w_dec.device, self.w_dec.dtype
+                parts.append((gate, RowTranslate(feats.to(device),
+                                                 (edit.gamma * deltas).to(device, dtype),
+                                                 (edit.gamma * bias).to(device, dtype))))
+                continue
+            if self.recipe.name in ("replace", "translate"):  # no learned swap: replacement
                 parts.append((gate, self._replace(edit, c, r, idx)))
                 continue
             kind = [t.concept_index(n) for n in self.kinds[edit.spec.kind]]

@@ -7,8 +7,10 @@ activation distribution: the concept's chosen features are removed and the mean 
 kind's other concepts is added, scaled by how strongly the token carried the concept (γ = 1 is
 an exact swap, more overshoots). ``gate`` edits an image only while the SAE code says the
 concept is there (nearest concept centroid of its kind), so prompts without it are untouched.
-A bundle names its default in the manifest; a request may override it (evaluation compares
-both on the same prompts and seeds).
+``translate`` (bundle format 3) swaps the concept for an anchor concept by a map learned from
+paired runs, per feature and step (:mod:`steering.translation`); concepts without a learned swap
+fall back to ``replace``. A bundle names its default in the manifest; a request may override
+it (evaluation compares them on the same prompts and seeds).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-RECIPE_NAMES = ("plain", "replace")
+RECIPE_NAMES = ("plain", "replace", "translate")
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,4 @@ class SteeringRecipe:
 
 PLAIN = SteeringRecipe()
 GATED_REPLACE = SteeringRecipe("replace", gate=True)
+GATED_TRANSLATE = SteeringRecipe("translate", gate=True)
