@@ -1,4 +1,5 @@
-"""`steer importance`, `steer export` and `steer bundle import|export --format sparsify`.
+"""`steer importance`, `steer export`, `steer bundle import|export --format sparsify` and
+`steer bundle fit-swap` (a learned swap, bundle format 3).
 
 Heavy modules (torch, diffusers, sparsify files) are imported inside the commands so that
 `steer --help` stays fast.
@@ -158,6 +159,61 @@ def export(
                                command=_command())
     typer.echo(f"wrote bundle {out}: {len(bundle.concept_names)} concepts, "
                f"{bundle.manifest.steps} steps, n={bundle.manifest.n_latents}")
+
+
+@bundle_app.command("fit-swap")
+def bundle_fit_swap(
+    bundle: Path = typer.Argument(..., help="Steering bundle to add the learned swap to "
+                                  "(rewritten in place)."),
+    pipeline: Path = typer.Option(..., help="The SD-1.x pipeline folder the bundle is for."),
+    concept: str = typer.Option(..., help="The bundle concept to swap away."),
+    anchor: str = typer.Option(..., help="The bundle concept to swap it for (same kind)."),
+    prompts: Path = typer.Option(..., help="Text file, one prompt per line, each naming the "
+                                 "concept; the twin names the anchor instead."),
+    seed_base: int = typer.Option(0, help="Seed of the first prompt (then +1 per line)."),
+    steps: int | None = typer.Option(None, help="Denoising steps (default: the bundle's)."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per pipeline call."),
+    rounds: int = typer.Option(1, min=0, help="On-policy rounds after the paired fit."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+) -> None:
+    """Learn the swap concept → anchor from paired runs and make the bundle's recipe the gated
+    translate recipe (format 3; concepts without a swap keep replacement). The concept's
+    default γ becomes 1 (the swap as fitted)."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from steering.pipeline import SteeredPipeline
+    from steering.recipe import GATED_TRANSLATE
+    from steering.translation import TranslationTables
+    from training.translation_fit import fit_translation, pairs_from_prompts
+
+    with _user_errors():
+        steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device)
+        b = steered.bundle
+        assert b is not None
+        spec, other = b.concept(concept), b.concept(anchor)
+        if spec.kind != other.kind or concept == anchor:
+            raise ValueError(f"the anchor must be another concept of {concept!r}'s kind "
+                             f"({spec.kind}): {', '.join(b.concepts_of_kind(spec.kind))}")
+        lines = [t.strip() for t in prompts.read_text().splitlines() if t.strip()]
+        pairs = pairs_from_prompts(lines, concept, anchor, seed_base)
+        with tqdm(total=len(pairs) * (2 + rounds), unit="img", desc=f"{concept} → {anchor}"
+                  ) as bar:
+            swap = fit_translation(steered, anchor, pairs, steps or b.manifest.steps,
+                                   guidance, batch_size, rounds, progress=bar.update)
+        m = b.manifest
+        have = b.translations.concepts if b.translations is not None else {}
+        b.translations = TranslationTables(m.n_latents, m.d_in, m.steps,
+                                           {**have, concept: swap}).to("cpu")
+        m.recipe = GATED_TRANSLATE
+        lo, hi = spec.gamma_range
+        m.concepts = [dataclasses.replace(c, default_gamma=min(max(1.0, lo), hi))
+                      if c.name == concept else c for c in m.concepts]
+        b.save(bundle)
+    typer.echo(f"added the learned swap {concept} → {anchor} ({len(pairs)} prompt pairs, "
+               f"{len(swap.row)} feature rows) to {bundle}; recipe: gated translate")
 
 
 def _check_format(fmt: str) -> None:

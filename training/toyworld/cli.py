@@ -56,3 +56,39 @@ def bundle(
     h = results["heldout"]
     typer.echo(f"built {out}: held-out FVU {h['fvu']:.3f}, L0 {h['l0']:.2f}, "
                f"dead {h['dead_pct']:.2f} %; see {out / 'BUILD.md'}")
+
+
+@app.command()
+def translations(
+    pipeline: Path = typer.Option(Path("assets/toy-pipeline"), help="The toy pipeline folder."),
+    classifier: Path = typer.Option(Path("assets/toy-classifier"), help="The judge."),
+    bundle_dir: Path = typer.Option(Path("assets/toy-bundle"), "--bundle",
+                                    help="Bundle to add the learned swaps to (rewritten)."),
+    work_dir: Path = typer.Option(Path("toyworld-build/translations"),
+                                  help="One file per (concept, anchor) fit; resume from here."),
+    concepts: str = typer.Option("", help="Comma list of concepts (default: all)."),
+    n_fit: int = typer.Option(64, min=1, max=1000, help="Prompt pairs per swap fit."),
+    n_check: int = typer.Option(32, min=1, max=1000, help="Pairs judged per anchor."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+) -> None:
+    """Learn each concept's swap to every other concept of its kind, keep the best anchor, and
+    switch the bundle to the gated translate recipe (bundle format 3)."""
+    from steering.pipeline import SteeredPipeline
+    from training.toyworld.classifier import AttributeClassifier
+    from training.toyworld.translations import (
+        adopt_translations,
+        build_translations,
+        write_report,
+    )
+
+    steered = SteeredPipeline.from_pretrained(pipeline, bundle_dir, device=device)
+    judge = AttributeClassifier.from_pretrained(classifier)
+    names = [c.strip() for c in concepts.split(",") if c.strip()] or None
+    tables, report = build_translations(steered, judge, work_dir, names, n_fit, n_check,
+                                        log=typer.echo)
+    assert steered.bundle is not None
+    adopt_translations(steered.bundle, tables)
+    steered.bundle.save(bundle_dir)
+    write_report(bundle_dir, report, n_fit, n_check)
+    typer.echo(f"wrote {len(tables.concepts)} learned swaps into {bundle_dir} (recipe "
+               f"translate, gated); see {bundle_dir / 'TRANSLATIONS.md'}")
