@@ -180,6 +180,16 @@ def test_choice_prefers_points_reaching_ua_target() -> None:
     assert choose(tie, "colour")["gamma"] == 30  # equal means: the one removing more
 
 
+def test_choice_per_concept_reads_each_concepts_own_figures() -> None:
+    a, b = _point(1, 0.5, 1.0, 1.0), _point(2, 0.97, 0.9, 0.9)
+    a["per_concept"] = {"red": a["per_kind"]["colour"], "green": b["per_kind"]["colour"]}
+    b["per_concept"] = {"red": b["per_kind"]["colour"], "green": a["per_kind"]["colour"]}
+    assert choose([a, b], "red", "per_concept")["gamma"] == 2  # red reaches UA 0.97 at γ 2
+    assert choose([a, b], "green", "per_concept")["gamma"] == 1  # green reaches it at γ 1
+    with pytest.raises(ValueError, match="no sweep point measured 'blue'"):
+        choose([a, b], "blue", "per_concept")
+
+
 def test_write_defaults_rewrites_the_manifest_and_rehashes(tiny_pipeline_dir, tiny_bundle_dir,
                                                            tmp_path) -> None:
     from steering.bundle import SteeringBundle
@@ -200,6 +210,11 @@ def test_write_defaults_rewrites_the_manifest_and_rehashes(tiny_pipeline_dir, ti
     assert loaded.concept("blue").default_percentile == 95.0
     assert loaded.concept("circle").default_gamma == 5.0  # other kinds untouched
     assert evaluation.steered.concepts["green"].default_gamma == 7.0  # reloaded
+    per_concept = {"green": {"gamma": 2.0, "percentile": 90.0, "gate_margin": 0.1}}
+    written = evaluation.write_defaults({"colour": {"gamma": 5.0, "percentile": 95.0}},
+                                        per_concept)
+    assert written["concepts"]["green"] == [2.0, 90.0, 0.1]  # its own point
+    assert written["concepts"]["red"] == [5.0, 95.0, 0.0]  # the kind's
 
 
 # -- the smoke run end to end on the shipped toy assets ------------------------------------
@@ -248,6 +263,8 @@ def test_smoke_run_writes_results_and_docs(smoke) -> None:
     assert set(single) == {"none", "negative_prompt", "sld", "saeuron", "ours"}
     assert set(results["sweep"]) == {"saeuron", "ours"}
     assert set(results["sweep"]["ours"]["chosen"]) == {"colour", "shape"}
+    assert set(results["sweep"]["ours"]["chosen_per_concept"]) == {"red", "circle"}
+    assert "Per concept, the same rule" in md
     assert "method" in smoke["output"] and "ours" in smoke["output"]  # the summary table
     assert smoke["again"]["images_generated"] == 0  # the rerun resumed from the cells
     assert smoke["again"]["heldout"] == results["heldout"]

@@ -86,15 +86,19 @@ def eval_command(
                                     "and ours; without it an earlier sweep.json is reused."),
     gammas: str = typer.Option("1,3,10,30,60", help="Sweep γ values."),
     percentiles: str = typer.Option("98,99,99.5", help="Sweep percentile values."),
-    ours_gammas: str = typer.Option("1,2,3,5,10,20", help="Sweep γ values of ours "
-                                    "(replacement: γ = 1 swaps the concept exactly)."),
-    ours_percentiles: str = typer.Option("90,95,97,99", help="Sweep percentiles of ours."),
-    ours_margins: str = typer.Option("0.05,0.1,0.2", help="Sweep detection-gate margins of "
+    ours_gammas: str = typer.Option("1,1.5,2,3", help="Sweep γ values of ours (the "
+                                    "learned swap: γ = 1 applies it as fitted)."),
+    ours_percentiles: str = typer.Option("95", help="Sweep percentiles of ours (used only "
+                                         "by concepts without a learned swap, which fall "
+                                         "back to replacement)."),
+    ours_margins: str = typer.Option("0.05,0.1", help="Sweep detection-gate margins of "
                                      "ours (mean cosine to the kind's best concept)."),
     write_defaults: bool = typer.Option(
         False, "--write-defaults/--no-write-defaults",
         help="Write ours' chosen per-kind (γ, percentile) into the bundle's manifest.json "
              "(re-hashed) before the held-out run."),
+    choose_per: str = typer.Option("concept", help="--write-defaults picks ours' point per "
+                                   "concept (each has its own learned swap) or per kind."),
     docs: str | None = typer.Option(
         None, help="Folder for results.md and images/eval-*.png; '' skips them "
                    "[default: docs; with --smoke: none]."),
@@ -131,7 +135,8 @@ def eval_command(
         ours_gammas=_floats(ours_gammas, "--ours-gammas"),
         ours_percentiles=_floats(ours_percentiles, "--ours-percentiles"),
         ours_margins=_floats(ours_margins, "--ours-margins"),
-        write_defaults=write_defaults, steps=steps, guidance=guidance, synonyms=synonyms,
+        write_defaults=write_defaults, choose_per=choose_per, steps=steps, guidance=guidance,
+        synonyms=synonyms,
         multi=multi, rerun=_list(rerun, METHOD_NAMES, "method(s)") if rerun else (),
         progress=progress, command=_command(ctx), smoke=smoke, sld_config=sld_config.upper(),
         note=note)
@@ -142,7 +147,7 @@ def eval_command(
         config.work_dir = work_dir / "smoke"
         config.concepts, config.per_concept, config.tune_per_concept = SMOKE_CONCEPTS, 4, 4
         config.gammas, config.percentiles, config.steps = (30.0,), (99.0,), 10
-        config.ours_gammas, config.ours_percentiles, config.ours_margins = (3.0,), (95.0,), (0.1,)
+        config.ours_gammas, config.ours_percentiles, config.ours_margins = (1.5,), (95.0,), (0.1,)
         config.multi_sets = (SMOKE_CONCEPTS,)
     docs_dir = Path("docs") if docs is None and not smoke else (Path(docs) if docs else None)
     try:

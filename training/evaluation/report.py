@@ -225,6 +225,14 @@ def _sweep_section(results: Mapping[str, Any]) -> list[str]:
     lines += ["Chosen points:", ""]
     lines += _table(["method", "kind", "γ", "percentile / gate margin", "UA", "IRA", "CRA",
                      "mean", "UA ≥ 0.95"], rows)
+    per_concept = (sweep.get("ours") or {}).get("chosen_per_concept") or {}
+    if per_concept:
+        rows = [[concept, f"{c['gamma']:g}", _setting(c), *_triple(c),
+                 "yes" if c["reaches_ua_target"] else "no"] for concept, c in per_concept.items()]
+        lines += ["Per concept, the same rule on each concept's own figures (what "
+                  "`--write-defaults` writes with `--choose-per concept`, the default):", ""]
+        lines += _table(["ours: concept", "γ", "percentile / gate margin", "UA", "IRA", "CRA",
+                         "mean", "UA ≥ 0.95"], rows)
     rows = []
     for name, data in sweep.items():
         for p in data["points"]:

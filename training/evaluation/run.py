@@ -224,19 +224,21 @@ def figures(per_concept: dict[str, dict[str, Rate]]) -> dict[str, Any]:
     }
 
 
-def choose(points: Sequence[dict[str, Any]], kind: str) -> dict[str, Any]:
-    """The sweep point maximising the kind's mean of UA / IRA / CRA among those reaching
-    UA ≥ 0.95, or among all points when none does (a tie goes to the higher UA)."""
-    scored = [p for p in points if kind in p["per_kind"]]
+def choose(points: Sequence[dict[str, Any]], kind: str, level: str = "per_kind"
+           ) -> dict[str, Any]:
+    """The sweep point maximising the mean of UA / IRA / CRA of ``kind`` (a concept with
+    ``level="per_concept"``) among those reaching UA ≥ 0.95, or among all points when none
+    does (a tie goes to the higher UA)."""
+    scored = [p for p in points if kind in p[level]]
     if not scored:
-        raise ValueError(f"no sweep point measured kind {kind!r}")
-    reaching = [p for p in scored if p["per_kind"][kind]["UA"]["value"] >= UA_TARGET]
+        raise ValueError(f"no sweep point measured {kind!r}")
+    reaching = [p for p in scored if p[level][kind]["UA"]["value"] >= UA_TARGET]
     pool_ = reaching or scored
-    best = max(pool_, key=lambda p: (round(p["per_kind"][kind]["mean"], 9),  # ties: higher UA
-                                     p["per_kind"][kind]["UA"]["value"]))
+    best = max(pool_, key=lambda p: (round(p[level][kind]["mean"], 9),  # ties: higher UA
+                                     p[level][kind]["UA"]["value"]))
     return {"gamma": best["gamma"], "percentile": best["percentile"],
             **({"gate_margin": best["gate_margin"]} if "gate_margin" in best else {}),
-            "reaches_ua_target": bool(reaching), **best["per_kind"][kind]}
+            "reaches_ua_target": bool(reaching), **best[level][kind]}
 
 
 # -- the whole comparison ------------------------------------------------------------------
@@ -258,12 +260,15 @@ class EvalConfig:
     sweep: bool = True
     gammas: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 60.0)
     percentiles: tuple[float, ...] = (98.0, 99.0, 99.5)
-    # ours (replacement, γ = 1 is an exact swap) lives on another γ scale than the plain recipe
-    ours_gammas: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
-    ours_percentiles: tuple[float, ...] = (90.0, 95.0, 97.0, 99.0)
+    # ours (the learned swap, γ = 1 as fitted) lives on another γ scale than the plain
+    # recipe; its percentile matters only to concepts without a swap (replacement fallback)
+    ours_gammas: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    ours_percentiles: tuple[float, ...] = (95.0,)
     # detection-gate margins of ours (mean cosine; 0 = edit only where c is the nearest)
-    ours_margins: tuple[float, ...] = (0.05, 0.1, 0.2)
+    ours_margins: tuple[float, ...] = (0.05, 0.1)
     write_defaults: bool = False
+    # "concept": ours' defaults chosen per concept (each has its own learned swap), or "kind"
+    choose_per: str = "concept"
     steps: int = 20
     guidance: float = 4.0
     synonyms: bool = True
@@ -288,6 +293,8 @@ class EvalConfig:
             raise ValueError("need at least one method and one concept")
         if self.sld_config not in ("WEAK", "MEDIUM", "STRONG", "MAX"):
             raise ValueError(f"unknown SLD config {self.sld_config!r}: WEAK, MEDIUM, STRONG, MAX")
+        if self.choose_per not in ("concept", "kind"):
+            raise ValueError(f"choose_per must be 'concept' or 'kind', not {self.choose_per!r}")
         if self.per_concept < 1 or self.tune_per_concept < 1:
             raise ValueError("--per-concept and the tuning size must be ≥ 1")
 
@@ -366,12 +373,17 @@ class Evaluation:
                      **({"gate_margin": margin[0]} if margin else {}),
                      **figures({c: _metrics(v, (c,)) for c, v in per_concept.items()})}
             out.setdefault(name, {"points": []})["points"].append(point)
-        for data in out.values():
+        for name, data in out.items():
             data["chosen"] = {k: choose(data["points"], k) for k in kinds}
+            if name == "ours":
+                data["chosen_per_concept"] = {c: choose(data["points"], c, "per_concept")
+                                              for c in cfg.concepts}
         return out
 
-    def write_defaults(self, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Write the chosen per-kind (γ, percentile) into the bundle manifest and reload it."""
+    def write_defaults(self, chosen: dict[str, dict[str, Any]],
+                       per_concept: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Write the chosen (γ, percentile, gate margin) into the bundle manifest, per concept
+        where ``per_concept`` has it, else per kind, and reload the bundle."""
         from steering.bundle import SteeringBundle
         from steering.pipeline import SteeredPipeline
 
@@ -380,7 +392,7 @@ class Evaluation:
         written = {}
         concepts = []
         for spec in bundle.manifest.concepts:
-            pick = chosen.get(spec.kind)
+            pick = (per_concept or {}).get(spec.name) or chosen.get(spec.kind)
             if pick is not None:
                 spec = dataclasses.replace(spec, default_gamma=float(pick["gamma"]),
                                            default_percentile=float(pick["percentile"]),
@@ -486,7 +498,10 @@ class Evaluation:
         if cfg.write_defaults:
             if "ours" not in sweep:
                 raise ValueError("--write-defaults needs the sweep of 'ours' (--sweep)")
-            results["defaults_written"] = self.write_defaults(sweep["ours"]["chosen"])
+            per_concept = (sweep["ours"].get("chosen_per_concept")
+                           if cfg.choose_per == "concept" else None)
+            results["defaults_written"] = self.write_defaults(sweep["ours"]["chosen"],
+                                                              per_concept)
             self.log(f"wrote the chosen defaults into {cfg.bundle}")
         results["bundle_sha256"] = self.steered.bundle.sha256 if self.steered.bundle else None
         results["ours_defaults"] = {c.name: [c.default_gamma, c.default_percentile]
