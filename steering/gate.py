@@ -6,6 +6,10 @@ the highest running sum of its kind, or is within the concept's margin (in mean 
 it: a margin trades a little in-domain retention for recall, since a missed image is not
 edited at all. Nearest-centroid over all n latents uses the tables the bundle already has and
 was far more reliable on the toy world than the sparse detection score.
+
+With ``anchors`` (the latching translate recipe), an image found with c stays "present" while
+its nearest concept is c's anchor: the edit itself makes the trajectory look like the anchor,
+and without the latch the gate would let go of the images it is swapping.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ class ConceptGate:
     """Running nearest-centroid decision per image for the concepts of the gated kinds."""
 
     def __init__(self, tables: ImportanceTables, kinds: dict[str, list[str]],
-                 margins: dict[str, float]) -> None:
+                 margins: dict[str, float], anchors: dict[str, str] | None = None) -> None:
         self.tables = tables
+        self.anchors = {tables.concept_index(c): tables.concept_index(a)
+                        for c, a in (anchors or {}).items()}
+        self.latched: dict[int, Tensor] = {}
         self.margins = {tables.concept_index(c): m for c, m in margins.items()}
         self.steps = 0
         self.groups: dict[str, list[int]] = {}
@@ -46,10 +53,21 @@ class ConceptGate:
             cos = mean_code @ mu.to(mean_code.device).T
             prev = self.running.get(kind)
             self.running[kind] = cos if prev is None else prev + cos
+        for c, a in self.anchors.items():
+            now = self._near(c, c)
+            before = self.latched.get(c)
+            self.latched[c] = now if before is None else now | (before & self._near(c, a))
 
-    def present(self, concept_index: int) -> Tensor:
-        """[B] bool: the images whose running nearest concept of its kind is this one."""
+    def _near(self, concept_index: int, candidate: int) -> Tensor:
+        """[B] bool: ``candidate``'s running sum is within ``concept_index``'s margin of the
+        best of its kind."""
         kind = self.kind_of[concept_index]
         run = self.running[kind]
-        mine = run[:, self.groups[kind].index(concept_index)]
-        return mine >= run.max(1).values - self.margins.get(concept_index, 0.0) * self.steps
+        score = run[:, self.groups[kind].index(candidate)]
+        return score >= run.max(1).values - self.margins.get(concept_index, 0.0) * self.steps
+
+    def present(self, concept_index: int) -> Tensor:
+        """[B] bool: the images whose running nearest concept of its kind is this one (or,
+        latched, its anchor since the image was found with it)."""
+        latched = self.latched.get(concept_index)
+        return latched if latched is not None else self._near(concept_index, concept_index)

@@ -110,6 +110,19 @@ class SteeringPlan:
         return {e.spec.name: e.gate_margin for e in self.edits
                 if e.direction is Direction.SUPPRESS}
 
+    @property
+    def gate_anchors(self) -> dict[str, str]:
+        """With a latching recipe: the anchor of each gated suppression that has a learned swap
+        (the gate keeps such an image while it looks like the anchor)."""
+        if not (self.recipe.latch and self.recipe.gate and self.translations is not None):
+            return {}
+        out = {}
+        for name in self.gate_margins:
+            swap = self.translations.get(name)
+            if swap is not None:
+                out[name] = swap.anchor
+        return out
+
     def row(self, r: int) -> RowPlan:
         """The edits at table row r; a feature chosen by two edits takes the first's edit."""
         cached = self._rows.get(r)

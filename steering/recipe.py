@@ -9,8 +9,10 @@ an exact swap, more overshoots). ``gate`` edits an image only while the SAE code
 concept is there (nearest concept centroid of its kind), so prompts without it are untouched.
 ``translate`` (bundle format 3) swaps the concept for an anchor concept by a map learned from
 paired runs, per feature and step (:mod:`steering.translation`); concepts without a learned swap
-fall back to ``replace``. A bundle names its default in the manifest; a request may override
-it (evaluation compares them on the same prompts and seeds).
+fall back to ``replace``; with ``latch`` its gate keeps an image it found with the concept
+while the swap turns it into the anchor (steering/gate.py). A bundle names its default in
+the manifest; a request may override it (evaluation compares them on the same prompts and
+seeds).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class SteeringRecipe:
 
     name: str = "plain"
     gate: bool = False
+    # translate + gate: keep editing an image the swap has already turned into the anchor
+    # (the gate reads the edited trajectory, which stops looking like the concept)
+    latch: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in RECIPE_NAMES:
@@ -34,8 +39,11 @@ class SteeringRecipe:
                              f"{', '.join(RECIPE_NAMES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (manifest.json, provenance)."""
-        return asdict(self)
+        """JSON form (manifest.json, provenance); ``latch`` only when set."""
+        d = asdict(self)
+        if not self.latch:
+            del d["latch"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SteeringRecipe:
@@ -43,12 +51,13 @@ class SteeringRecipe:
         if not isinstance(d, dict):
             raise ValueError(f"recipe must be an object like {{\"name\": \"replace\", "
                              f"\"gate\": true}}, got {d!r}")
-        gate = d.get("gate", False)
-        if not isinstance(gate, bool):
-            raise ValueError(f"recipe gate must be true or false, got {gate!r}")
-        return cls(name=str(d.get("name", "plain")), gate=gate)
+        gate, latch = d.get("gate", False), d.get("latch", False)
+        if not isinstance(gate, bool) or not isinstance(latch, bool):
+            raise ValueError(f"recipe gate and latch must be true or false, got {gate!r}, "
+                             f"{latch!r}")
+        return cls(name=str(d.get("name", "plain")), gate=gate, latch=latch)
 
 
 PLAIN = SteeringRecipe()
 GATED_REPLACE = SteeringRecipe("replace", gate=True)
-GATED_TRANSLATE = SteeringRecipe("translate", gate=True)
+GATED_TRANSLATE = SteeringRecipe("translate", gate=True, latch=True)

@@ -16,7 +16,7 @@ from steering.importance_tables import ImportanceTables
 from steering.manifest import BundleError, BundleManifest
 from steering.pipeline import GenerationRequest, SteeredPipeline
 from steering.plan import RowEdit, RowReplace, SteeringPlan
-from steering.recipe import GATED_REPLACE, PLAIN, SteeringRecipe
+from steering.recipe import GATED_REPLACE, GATED_TRANSLATE, PLAIN, SteeringRecipe
 from tests.conftest import ASSETS
 from tests.steering import test_steering_math as steering_math
 from tests.steering.test_steering_math import KINDS, D, Unet, dense_oracle
@@ -212,6 +212,30 @@ def test_gate_keeps_a_running_sum_over_calls():
     assert gate.present(1).tolist() == [True] and gate.present(0).tolist() == [False]
 
 
+def test_a_latched_gate_keeps_an_image_that_turned_into_the_anchor():
+    like_a, like_b = codes([{0: 1.0, 1: 1.0}]), codes([{2: 1.0, 3: 1.0}])
+    plain_gate = ConceptGate(gate_tables(), GATE_KINDS, {"a": 0.0})
+    latched = ConceptGate(gate_tables(), GATE_KINDS, {"a": 0.0}, anchors={"a": "b"})
+    seen = []
+    for step in (like_a, like_b, like_b, like_b):  # found as a, then swapped towards b
+        for gate in (plain_gate, latched):
+            gate.update(*step, row=0)
+        seen.append((plain_gate.present(0).item(), latched.present(0).item()))
+    assert seen == [(True, True), (True, True), (False, True), (False, True)]
+    never = ConceptGate(gate_tables(), GATE_KINDS, {"a": 0.0}, anchors={"a": "b"})
+    never.update(*like_b, row=0)  # an image of b from the start is never latched
+    assert never.present(0).tolist() == [False]
+
+
+def test_latch_is_in_the_manifest_only_when_set():
+    assert SteeringRecipe("translate", gate=True).to_dict() == {"name": "translate",
+                                                                 "gate": True}
+    latching = SteeringRecipe("translate", gate=True, latch=True)
+    assert SteeringRecipe.from_dict(latching.to_dict()) == latching
+    with pytest.raises(ValueError, match="latch must be true or false"):
+        SteeringRecipe.from_dict({"name": "translate", "latch": "yes"})
+
+
 # -- 4. the gated hook ------------------------------------------------------------------------
 
 def two_image_batch(sae, tables):
@@ -273,23 +297,25 @@ def test_v1_manifest_loads_with_the_plain_recipe():
                for c in m.concepts)
 
 
-def test_v2_round_trip_keeps_recipe_and_detection_percentile():
+def test_manifest_round_trip_keeps_recipe_and_detection_percentile():
     d = toy_manifest()
     d["concepts"][2]["detection_percentile"] = 90.0
     d["concepts"][3].pop("detection_percentile")
     m = BundleManifest.from_dict(d)
-    assert m.recipe == GATED_REPLACE
+    assert m.recipe == GATED_TRANSLATE
     assert m.concepts[2].detection_pct == 90.0
     assert m.concepts[2].default_percentile == d["concepts"][2]["default_percentile"]
     assert m.concepts[3].detection_percentile is None
     assert m.concepts[3].detection_pct == d["concepts"][3]["default_percentile"]
     back = BundleManifest.from_json(m.to_json())
-    assert back == m and back.to_dict()["recipe"] == {"name": "replace", "gate": True}
+    assert back == m and back.to_dict()["recipe"] == {"name": "translate", "gate": True,
+                                                           "latch": True}
     assert "detection_percentile" not in back.to_dict()["concepts"][3]
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"name": "erase", "gate": True}, "unknown steering recipe 'erase'; known: plain, replace"),
+    ({"name": "erase", "gate": True},
+     "unknown steering recipe 'erase'; known: plain, replace, translate"),
 ])
 def test_unknown_recipe_is_a_bundle_error(bad, match):
     d = toy_manifest() | {"recipe": bad}
@@ -358,10 +384,10 @@ def test_batch_needs_one_seed_per_prompt():
 
 
 def test_bundle_recipe_is_the_default_and_differs_from_plain(toy):
-    assert toy.bundle.manifest.recipe == GATED_REPLACE
+    assert toy.bundle.manifest.recipe == GATED_TRANSLATE
     default = images(toy, toy_request(PROMPTS[0], 3, edits=[STRIPED]))
     plain = images(toy, toy_request(PROMPTS[0], 3, edits=[STRIPED], recipe=PLAIN))
-    named = images(toy, toy_request(PROMPTS[0], 3, edits=[STRIPED], recipe=GATED_REPLACE))
+    named = images(toy, toy_request(PROMPTS[0], 3, edits=[STRIPED], recipe=GATED_TRANSLATE))
     assert not np.array_equal(default[0], plain[0])
     assert np.array_equal(default[0], named[0])
 
