@@ -90,13 +90,16 @@ class WorkerRuntime:
 
     @cached_property
     def provenance(self) -> dict[str, Any]:
-        """Pipeline fingerprint, bundle sha256 and recipe, and scheduler of every job this
-        runtime runs."""
+        """Pipeline fingerprint, bundle sha256, recipe and learned swaps (concept → the anchor
+        it is replaced with), and scheduler of every job this runtime runs."""
         bundle = self.pipeline.bundle
+        swaps = bundle.translations if bundle is not None else None
         return {"pipeline_fingerprint": self.pipeline.fingerprint,
                 "bundle_sha256": bundle.sha256 if bundle is not None else None,
                 "steering_recipe": (bundle.manifest.recipe.to_dict() if bundle is not None
                                     else None),
+                "steering_swaps": ({c: t.anchor for c, t in swaps.concepts.items()}
+                                   if swaps is not None else {}),
                 "scheduler": scheduler_description(self.pipeline.pipe.scheduler),
                 "version": _package_version()}
 

@@ -145,7 +145,8 @@ class Generation(BaseModel):
     parameters: dict = Field(default_factory=dict,
                              description="The parameters actually used (defaults filled)")
     provenance: dict = Field(default_factory=dict, description="Pipeline fingerprint, bundle "
-                             "sha256 and steering recipe, scheduler, worker (once the job "
+                             "sha256, steering recipe and learned swaps (concept → the anchor "
+                             "concept it is replaced with), scheduler, worker (once the job "
                              "ran)")
     detection: list[dict[str, float]] = Field(
         default_factory=list, description="Per image: concept -> detection score")

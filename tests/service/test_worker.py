@@ -66,7 +66,8 @@ def test_job_writes_pngs_with_provenance_progress_and_metrics(conn, settings, sp
     assert red["gamma"] > 0 and 0 < red["percentile"] < 100
     assert (out.parameters["width"], out.parameters["height"]) == (32, 32)
     assert out.provenance["bundle_sha256"] == TOY_BUNDLE_SHA
-    assert out.provenance["steering_recipe"] == {"name": "replace", "gate": True}
+    assert out.provenance["steering_recipe"] == {"name": "translate", "gate": True, "latch": True}
+    assert out.provenance["steering_swaps"]["red"] == "green"  # what red is replaced with
     assert out.provenance["pipeline_fingerprint"] == info["fingerprint"]
     assert out.provenance["scheduler"]["class_name"] == "DDIMScheduler"
     assert len(out.detection) == 2 and "red" in out.detection[0]
