@@ -121,7 +121,7 @@ def gallery(
     row: list[str] = typer.Option(
         list(TOY_GALLERY_ROWS), "--row", "-r",
         help="[+]concept=prompt, repeatable (+ amplifies) [default: four toy concepts]."),
-    gamma: list[float] = typer.Option([0.0, 1.0, 3.0, 10.0], "--gamma", "-g",
+    gamma: list[float] = typer.Option([0.0, 1.0, 1.5, 3.0], "--gamma", "-g",
                                       help="Columns; 0 is the unedited image. Repeatable."),
     pipeline: Path | None = typer.Option(
         None, help="Local SD-1.x pipeline folder [default: assets/toy-pipeline]."),

@@ -43,6 +43,10 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         "5. `steer export` with per-kind defaults (γ, γ range, percentile in manifest.json);",
         "6. a removal check judged by the attribute classifier (below).",
         "",
+        "Then, as separate commands: `steer toyworld translations` learns each concept's swap "
+        "and anchor (bundle format 3, the gated translate recipe; TRANSLATIONS.md) and "
+        "`steer eval --write-defaults` sets the shipped defaults (docs/results.md).",
+        "",
         "## Stores",
         "",
         "| store | prompts | steps | tokens | MB (fp16) |",
