@@ -35,7 +35,7 @@ GOOD = """
 default = "public"
 
 [policies.public]
-suppress = [{ concept = "red" }, { concept = "blue", gamma = 5, percentile = 99.5 }]
+suppress = [{ concept = "red" }, { concept = "blue", gamma = 3.5, percentile = 99.5 }]
 detect = [{ concept = "cross", threshold = 0.5, action = "refuse" },
           { concept = "striped", threshold = 0.4, action = "steer" }]
 
@@ -60,7 +60,7 @@ def test_a_good_file_loads_with_names_defaults_and_a_sha(tmp_path):
     red, blue = public.suppressions(CONCEPTS)
     assert (red.gamma, red.percentile) == (CONCEPTS["red"].default_gamma,
                                            CONCEPTS["red"].default_percentile)
-    assert (blue.gamma, blue.percentile, blue.direction) == (5.0, 99.5, Direction.SUPPRESS)
+    assert (blue.gamma, blue.percentile, blue.direction) == (3.5, 99.5, Direction.SUPPRESS)
     assert public.detect[0] == DetectRule(concept="cross", threshold=0.5, action="refuse")
     assert len(policies.sha256) == 64
     assert load_checked(None, CONCEPTS) is None  # no file, no policy
@@ -97,7 +97,7 @@ policies:
     (GOOD.replace('default = "public"', ''), "field default: missing"),
     (GOOD.replace("[policies.trusted]", "[policies.'bad name']"),
      "policy 'bad name': names use letters, digits"),
-    (GOOD.replace('{ concept = "blue", gamma = 5, percentile = 99.5 }', '{ concept = "red" }'),
+    (GOOD.replace('{ concept = "blue", gamma = 3.5, percentile = 99.5 }', '{ concept = "red" }'),
      "policy 'public', suppress[1] (concept 'red'): listed twice; keep one entry"),
     (GOOD.replace('"striped", threshold = 0.4, action = "steer"',
                   '"red", threshold = 0.4, action = "steer"'),
@@ -122,12 +122,12 @@ def test_structural_errors_name_the_file_policy_entry_and_field(tmp_path, text, 
                   'concept = "sword", threshold = 0.5, action = "refuse"'),
      "policy 'public', detect[0] (concept 'sword'), field concept: not in the bundle; known: "
      "dotted, plain"),
-    (GOOD.replace("gamma = 5", "gamma = 500"),
+    (GOOD.replace("gamma = 3.5", "gamma = 500"),
      "policy 'public', suppress[1] (concept 'blue'), field gamma: gamma 500.0 for 'blue' is "
      "outside its range"),
     (GOOD.replace("percentile = 99.5", "percentile = 100"),
      "policy 'public', suppress[1] (concept 'blue'), field percentile: percentile 100.0"),
-    (GOOD.replace("gamma = 5", "gamma = 0"),
+    (GOOD.replace("gamma = 3.5", "gamma = 0"),
      "policy 'public', suppress[1] (concept 'blue'), field gamma: 0 turns the suppression off"),
 ])
 def test_bundle_errors_name_the_concept_and_its_range(tmp_path, text, expected):

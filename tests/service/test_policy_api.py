@@ -59,8 +59,9 @@ def test_get_policy_is_the_default_unless_the_key_names_another(guarded, conn):
         assert c.get("/v1/policy").status_code == 401
         public = c.get("/v1/policy", headers=bearer(plain)).json()
         assert (public["name"], public["source"]) == ("public", "default")
+        red_pct = load_catalog(REPO_ASSETS / "toy-bundle").concepts["red"].default_percentile
         assert public["suppress"] == [{"concept": "red", "direction": "suppress",
-                                       "gamma": 40.0, "percentile": 90.0}]  # policies/toy.toml
+                                       "gamma": 2.0, "percentile": red_pct}]  # policies/toy.toml
         assert public["detect"][0] == {"concept": "cross", "threshold": 0.23,
                                        "action": "refuse"}
         mine = c.get("/v1/policy", headers=bearer(trusted)).json()
@@ -84,7 +85,7 @@ def test_the_callers_policy_is_applied_refused_steered_and_flagged(guarded, conn
 
         ids = {"refused": submit(CROSS, plain), "trusted": submit(CROSS, trusted),
                "steered": submit({**STRIPED, "concepts": [
-                   {"name": "red", "direction": "amplify", "gamma": 5}]}, plain),
+                   {"name": "red", "direction": "amplify", "gamma": 3}]}, plain),
                "flagged": submit(DOTTED, plain)}
         assert {Queue(guarded.queue_name, connection=conn).fetch_job(i).meta["policy"]
                 for i in ids.values()} == {"public", "trusted"}
@@ -114,11 +115,11 @@ def test_the_callers_policy_is_applied_refused_steered_and_flagged(guarded, conn
     steered = views["steered"]
     assert steered["status"] == "succeeded", steered["error"]
     # The policy's red suppression replaced the request's amplification of red ...
+    red_pct = load_catalog(REPO_ASSETS / "toy-bundle").concepts["red"].default_percentile
     assert steered["parameters"]["concepts"] == [
-        {"name": "red", "direction": "suppress", "gamma": 40.0, "percentile": 90.0}]
+        {"name": "red", "direction": "suppress", "gamma": 2.0, "percentile": red_pct}]
     assert steered["policy"]["replaced"] == [
-        {"concept": "red", "direction": "amplify", "gamma": 5.0,
-         "percentile": load_catalog(REPO_ASSETS / "toy-bundle").concepts["red"].default_percentile}]
+        {"concept": "red", "direction": "amplify", "gamma": 3.0, "percentile": red_pct}]
     # ... and the striped background was steered away: same seed, both scores reported.
     (image,) = steered["policy"]["images"]
     assert image["steered"] and not image["flagged"] and image["seed"] == 1_200_114

@@ -29,7 +29,7 @@ def swap(anchor="green", seed=0, rows=range(T), m=10) -> ConceptTranslation:
     for r in rows:
         feats = torch.randperm(N, generator=g)[:m]
         row += [r] * (m + 1)
-        feature += feats.tolist() + [N]
+        feature += [*feats.tolist(), N]
     coef = torch.randn(len(row), RANK, generator=g).half()
     basis = torch.linalg.qr(torch.randn(T, D, RANK, generator=g)).Q.transpose(1, 2)
     return ConceptTranslation(anchor, torch.tensor(row), torch.tensor(feature), coef, basis)
@@ -168,3 +168,15 @@ def swap_for(bundle, anchor, steps=None):
     basis = torch.eye(m.d_in)[:2].expand(steps or m.steps, 2, m.d_in).clone()
     return ConceptTranslation(anchor, torch.tensor([0, 0]), torch.tensor([1, m.n_latents]),
                               torch.ones(2, 2), basis)
+
+
+def test_shipped_toy_bundle_swaps_every_concept_for_another_of_its_kind():
+    from tests.conftest import ASSETS
+
+    bundle = SteeringBundle.load(ASSETS / "toy-bundle")
+    assert bundle.manifest.recipe == GATED_TRANSLATE and bundle.manifest.format_version == 3
+    kinds = {c.name: c.kind for c in bundle.manifest.concepts}
+    assert set(bundle.translations.concepts) == set(kinds)
+    for concept, swap in bundle.translations.concepts.items():
+        assert swap.anchor != concept and kinds[swap.anchor] == kinds[concept]
+        assert set(swap.row.tolist()) == set(range(bundle.manifest.steps))

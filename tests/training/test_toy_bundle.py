@@ -44,10 +44,11 @@ def test_bundle_meets_its_build_targets() -> None:
 
 
 def test_steering_red_removes_red(steered: SteeredPipeline) -> None:
-    """At the strength the toy policy uses (γ 40, percentile 90) red goes. The bundle's own
-    defaults are chosen for the best mean of removal and retention and remove it far less
-    often (docs/results.md), so they are not what this checks."""
+    """At the strength the toy policy uses (the learned swap red → green at γ 2) red goes.
+    The bundle's own defaults are chosen for the best mean of removal and retention
+    (docs/results.md), so they are not what this checks."""
     classifier = AttributeClassifier.from_pretrained(ASSETS / "toy-classifier")
-    result = removal_check(steered, classifier, "red", count=6, gamma=40.0, percentile=90.0)
+    result = removal_check(steered, classifier, "red", count=6, gamma=2.0,
+                           percentile=steered.concepts["red"].default_percentile)
     assert result["present_plain"] >= 5 / 6  # the pipeline draws red when asked …
     assert result["present_steered"] <= 1 / 6  # … and the strong edit takes it away

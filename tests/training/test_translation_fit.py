@@ -66,7 +66,7 @@ def test_reduced_rank_keeps_the_main_directions_of_the_fitted_edits(sae):
     fit = SwapRegression(sae, num_rows=1)
     pairs = [(batch(5), batch(6))]
     fit.add(0, *pairs[0])
-    full, z, act = oracle(sae, pairs, 1e-2)
+    full, z, _ = oracle(sae, pairs, 1e-2)
     fitted = (z @ full).float()  # the full solution's edits on the training tokens
     errors = []
     for rank in (1, 3, D):
@@ -179,5 +179,5 @@ def test_bundle_fit_swap_cli_adds_a_swap_to_a_bundle(tmp_path):
     assert loaded.translations.get("red").anchor == "blue"
     assert loaded.manifest.recipe == GATED_TRANSLATE
     assert loaded.concept("red").default_gamma == 1.0
-    bad = CliRunner().invoke(app, args[:7] + ["--anchor", "circle"] + args[9:])
+    bad = CliRunner().invoke(app, [*args[:7], "--anchor", "circle", *args[9:]])
     assert bad.exit_code == 2 and "another concept of 'red'" in bad.output
