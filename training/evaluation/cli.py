@@ -91,8 +91,9 @@ def eval_command(
     ours_percentiles: str = typer.Option("95", help="Sweep percentiles of ours (used only "
                                          "by concepts without a learned swap, which fall "
                                          "back to replacement)."),
-    ours_margins: str = typer.Option("0.05,0.1", help="Sweep detection-gate margins of "
-                                     "ours (mean cosine to the kind's best concept)."),
+    ours_margins: str = typer.Option("0,0.05", help="Sweep detection-gate margins of "
+                                     "ours (mean cosine to the kind's best concept; 0 = only "
+                                     "images whose nearest concept is the suppressed one)."),
     write_defaults: bool = typer.Option(
         False, "--write-defaults/--no-write-defaults",
         help="Write ours' chosen per-kind (γ, percentile) into the bundle's manifest.json "

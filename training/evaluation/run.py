@@ -265,7 +265,7 @@ class EvalConfig:
     ours_gammas: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     ours_percentiles: tuple[float, ...] = (95.0,)
     # detection-gate margins of ours (mean cosine; 0 = edit only where c is the nearest)
-    ours_margins: tuple[float, ...] = (0.05, 0.1)
+    ours_margins: tuple[float, ...] = (0.0, 0.05)
     write_defaults: bool = False
     # "concept": ours' defaults chosen per concept (each has its own learned swap), or "kind"
     choose_per: str = "concept"
