@@ -6,10 +6,14 @@ import { el, formatNumber } from "./dom.js";
 const DIRECTIONS = [["off", "Off"], ["suppress", "Suppress"], ["amplify", "Amplify"]];
 
 // A slider step of 1, 2 or 5 × 10^k giving about 200 positions over [lo, hi].
-function niceStep(lo, hi) {
+// About 200 positions, a round step, and the default on the grid (a range slider snaps its
+// value to lo + k·step, so a default off the grid would be shown and sent as another γ).
+function niceStep(lo, hi, value) {
   const raw = (hi - lo) / 200;
   const power = 10 ** Math.floor(Math.log10(raw));
-  return [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  const steps = [1, 2, 5, 10, 20, 50, 100].map((m) => m * power).filter((s) => s >= raw);
+  const onGrid = (s) => Math.abs((value - lo) / s - Math.round((value - lo) / s)) < 1e-6;
+  return steps.find(onGrid) ?? steps[0];
 }
 
 function decimals(value) {
@@ -54,7 +58,7 @@ function conceptRow(concept, index) {
   const sliders = el("div", { class: "sliders", hidden: true },
     slider(`${base}-gamma`, "γ", {
       min: concept.gamma_range[0], max: concept.gamma_range[1],
-      step: niceStep(concept.gamma_range[0], concept.gamma_range[1]),
+      step: niceStep(concept.gamma_range[0], concept.gamma_range[1], concept.default_gamma),
     }, concept.default_gamma, errorId),
     slider(`${base}-percentile`, "Percentile", percentileRange(concept.default_percentile),
       concept.default_percentile, errorId));

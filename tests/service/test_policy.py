@@ -154,7 +154,8 @@ def test_policy_check_command_accepts_the_shipped_file_and_rejects_bad_ones(tmp_
     good = runner.invoke(policy_app, ["check", str(TOY_POLICY), *bundle])
     assert good.exit_code == 0, good.output
     assert "OK against" in good.output and "public (default)" in good.output
-    assert "suppress red: γ 40, percentile 90" in good.output  # as policies/toy.toml says
+    red_pct = CONCEPTS["red"].default_percentile  # policies/toy.toml sets γ only
+    assert f"suppress red: γ 2, percentile {red_pct:g}" in good.output
     assert "detect cross: score ≥ 0.23 → refuse" in good.output
     bad = write(tmp_path, GOOD.replace('"striped"', '"zebra"'))
     result = runner.invoke(policy_app, ["check", str(bad), *bundle])
@@ -169,7 +170,7 @@ def test_policy_check_command_accepts_the_shipped_file_and_rejects_bad_ones(tmp_
 
 def test_policy_suppressions_come_first_and_replace_the_requests_edits_of_them():
     policy = Policy(name="p", suppress=({"concept": "red"},))  # type: ignore[arg-type]
-    requested = resolve_edits([ConceptEdit("blue", 5.0), ConceptEdit(
+    requested = resolve_edits([ConceptEdit("blue", 3.0), ConceptEdit(
         "red", 2.0, direction=Direction.AMPLIFY)], CONCEPTS)
     plan = enforce.plan_edits(requested, policy.suppressions(CONCEPTS))
     assert [(e.spec.name, e.direction) for e in plan.applied] == [
