@@ -71,7 +71,8 @@ def test_a_policy_suppressing_red_at_least_halves_how_often_red_is_drawn():
         present[name] = sum(p["colour"] == "red"
                             for p in classifier().predict(images)) / len(images)
     print(f"\nred drawn without / with the policy (32 images each): {present}")
-    # Measured: 1.00 without, 0.06 with (32 images each; gated replacement at γ 40, p 90).
+    # Format 2 (gated replacement at γ 40) measured 1.00 without, 0.06 with; the learned swap
+    # removes red in 200 of 200 held-out images already at γ 1.5 (docs/results.md).
     assert present["without"] >= 0.9, present
     assert present["with"] <= present["without"] / 2, present
 
