@@ -28,7 +28,7 @@ def steered() -> SteeredPipeline:
 
 def test_bundle_is_small_and_documented() -> None:
     size = sum(f.stat().st_size for f in BUNDLE.iterdir() if f.is_file())
-    assert size <= 20e6
+    assert size <= 25e6  # the learned swaps (format 3) are 15.8 MB of it
     assert "FVU" in (BUNDLE / "BUILD.md").read_text()
 
 

@@ -84,7 +84,9 @@ def eval_command(
     sweep: bool = typer.Option(True, "--sweep/--no-sweep",
                                help="Run the γ × percentile sweep (tuning split) of saeuron "
                                     "and ours; without it an earlier sweep.json is reused."),
-    gammas: str = typer.Option("1,3,10,30,60", help="Sweep γ values."),
+    gammas: str = typer.Option("1,2,3,4", help="Sweep γ values of the plain recipe "
+                               "(saeuron); each must lie in the bundle's γ range (the toy "
+                               "bundle's is the learned swap's, [0.25, 4])."),
     percentiles: str = typer.Option("98,99,99.5", help="Sweep percentile values."),
     ours_gammas: str = typer.Option("1,1.5,2,3", help="Sweep γ values of ours (the "
                                     "learned swap: γ = 1 applies it as fitted)."),
@@ -147,7 +149,7 @@ def eval_command(
                                      param_hint="--write-defaults")
         config.work_dir = work_dir / "smoke"
         config.concepts, config.per_concept, config.tune_per_concept = SMOKE_CONCEPTS, 4, 4
-        config.gammas, config.percentiles, config.steps = (30.0,), (99.0,), 10
+        config.gammas, config.percentiles, config.steps = (4.0,), (99.0,), 10
         config.ours_gammas, config.ours_percentiles, config.ours_margins = (1.5,), (95.0,), (0.1,)
         config.multi_sets = (SMOKE_CONCEPTS,)
     docs_dir = Path("docs") if docs is None and not smoke else (Path(docs) if docs else None)
