@@ -23,8 +23,16 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import Tensor
 
-from steering.hooks import StepTracker, attached, output_tensor, replace_output, to_tokens
+from steering.hooks import (
+    StepTracker,
+    attached,
+    from_tokens,
+    output_tensor,
+    replace_output,
+    to_tokens,
+)
 from steering.pipeline import SteeredPipeline
+from steering.plan import gather_latents
 from steering.sae import TopKSAE
 from steering.translation import ConceptTranslation
 
@@ -159,11 +167,9 @@ def apply_translation(translation: ConceptTranslation, sae: TopKSAE, gamma: floa
             rows[row] = translation.at(row, n)
         feats, deltas, bias = rows[row]
         values, indices = sae.encode(to_tokens(x).to(sae.dtype))
-        match = indices.unsqueeze(-1) == feats.to(indices.device)
-        z = (values.unsqueeze(-1) * match).sum(-2)
+        z = gather_latents(values, indices, feats.to(indices.device))
         d = gamma * (z @ deltas.to(z) + bias.to(z))
-        b, c, h, w = x.shape
-        return x + d.reshape(b, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+        return x + from_tokens(d, x).to(x.dtype)
 
     return fn
 
