@@ -5,6 +5,7 @@
     cfg.json, sae.safetensors   the SAE in sparsify's layout
     importance.safetensors   scores / means [C, steps, n] and timesteps [steps]
     translation.safetensors  optional (format 3): learned swaps per concept (translate recipe)
+    gate_probe.safetensors   optional (format 4): the detection gate's learned read-out
 
 ``manifest.json`` is written last, so a folder without one is an unfinished export.
 """
@@ -23,6 +24,7 @@ import torch
 
 from steering.concepts import ConceptSpec
 from steering.fingerprint import HOOK_POINT
+from steering.gate_probe import GATE_PROBE_FILE, GateProbe
 from steering.importance_tables import ImportanceTables, UnknownConceptError
 from steering.manifest import (  # re-exported: the bundle format's public names
     BUNDLE_FORMAT_VERSION,
@@ -53,12 +55,13 @@ def sha256_file(path: str | Path) -> str:
 @dataclass
 class SteeringBundle:
     """A loaded (or about-to-be-saved) steering bundle: manifest, SAE, importance tables and,
-    optionally, the learned swaps of the translate recipe."""
+    optionally, the learned swaps of the translate recipe and the gate's probe."""
 
     manifest: BundleManifest
     sae: TopKSAE
     tables: ImportanceTables
     translations: TranslationTables | None = None
+    gate_probe: GateProbe | None = None
     _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
 
     # -- building ----------------------------------------------------------------------------
@@ -118,10 +121,15 @@ class SteeringBundle:
         names = list(REQUIRED_FILES)
         if self.translations is not None:
             self.check_translations(self.translations, self.manifest)
-            self.translations.save(directory / TRANSLATION_FILE)
-            names.append(TRANSLATION_FILE)
-        else:
-            (directory / TRANSLATION_FILE).unlink(missing_ok=True)
+        if self.gate_probe is not None:
+            self.check_gate_probe(self.gate_probe, self.manifest)
+        for name, part in ((TRANSLATION_FILE, self.translations),
+                           (GATE_PROBE_FILE, self.gate_probe)):
+            if part is None:
+                (directory / name).unlink(missing_ok=True)
+                continue
+            part.save(directory / name)
+            names.append(name)
         self.manifest.files = {name: sha256_file(directory / name) for name in names}
         text = self.manifest.to_json()
         tmp = directory / (MANIFEST_FILE + ".tmp")
@@ -220,12 +228,23 @@ class SteeringBundle:
                               "which the bundle does not list; rebuild it with its swaps or "
                               "set the recipe to 'replace'")
 
-        # 5. pipeline fingerprint
+        # 5. the gate's probe (format 4), when listed
+        gate_probe = None
+        if GATE_PROBE_FILE in manifest.files:
+            try:
+                gate_probe = GateProbe.load(directory / GATE_PROBE_FILE, device)
+                cls.check_gate_probe(gate_probe, manifest)
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{GATE_PROBE_FILE}: cannot load the gate's probe: {e}"
+                                  ) from e
+
+        # 6. pipeline fingerprint
         bundle = cls(
             manifest=manifest,
             sae=sae,
             tables=tables,
             translations=translations,
+            gate_probe=gate_probe,
             _manifest_sha256=hashlib.sha256(raw).hexdigest(),
         )
         if expected_fingerprint is not None:
@@ -245,6 +264,15 @@ class SteeringBundle:
             translations.validate(c.name for c in m.concepts)
         except ValueError as e:
             raise BundleError(f"{TRANSLATION_FILE}: {e}") from e
+
+    @staticmethod
+    def check_gate_probe(probe: GateProbe, manifest: BundleManifest) -> None:
+        """Refuse a gate probe made for another concept list, SAE size or step count."""
+        try:
+            probe.validate([c.name for c in manifest.concepts], manifest.n_latents,
+                           manifest.steps)
+        except ValueError as e:
+            raise BundleError(f"{GATE_PROBE_FILE}: {e}") from e
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse a pipeline other than the one the bundle was made for."""

@@ -10,6 +10,11 @@ was far more reliable on the toy world than the sparse detection score.
 With ``anchors`` (the latching translate recipe), an image found with c stays "present" while
 its nearest concept is c's anchor: the edit itself makes the trajectory look like the anchor,
 and without the latch the gate would let go of the images it is swapping.
+
+With a ``probe`` (bundle format 4, :mod:`steering.gate_probe`) the evidence per step is the
+probe's score of the image's mean code instead of the cosine to the means: fitted on labelled
+runs, it finds the concept from the first step, where nearest-centroid guesses. Margins are
+then in the probe's units (1 = the gap between a one-hot target and zero).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from steering.gate_probe import GateProbe
 from steering.importance_tables import ImportanceTables
 
 
@@ -24,8 +30,10 @@ class ConceptGate:
     """Running nearest-centroid decision per image for the concepts of the gated kinds."""
 
     def __init__(self, tables: ImportanceTables, kinds: dict[str, list[str]],
-                 margins: dict[str, float], anchors: dict[str, str] | None = None) -> None:
+                 margins: dict[str, float], anchors: dict[str, str] | None = None,
+                 probe: GateProbe | None = None) -> None:
         self.tables = tables
+        self.probe = probe
         self.anchors = {tables.concept_index(c): tables.concept_index(a)
                         for c, a in (anchors or {}).items()}
         self.latched: dict[int, Tensor] = {}
@@ -47,16 +55,23 @@ class ConceptGate:
         self.steps += 1
         mean_code = torch.zeros(b, self.tables.num_latents, device=values.device)
         mean_code.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
-        mean_code = torch.nn.functional.normalize(mean_code / tokens, dim=1)
+        mean_code = mean_code / tokens
         for kind, members in self.groups.items():
-            mu = torch.nn.functional.normalize(self.tables.means[members, row].float(), dim=1)
-            cos = mean_code @ mu.to(mean_code.device).T
+            evidence = self._evidence(mean_code, members, row)
             prev = self.running.get(kind)
-            self.running[kind] = cos if prev is None else prev + cos
+            self.running[kind] = evidence if prev is None else prev + evidence
         for c, a in self.anchors.items():
             now = self._near(c, c)
             before = self.latched.get(c)
             self.latched[c] = now if before is None else now | (before & self._near(c, a))
+
+    def _evidence(self, mean_code: Tensor, members: list[int], row: int) -> Tensor:
+        """[B, len(members)] this step's evidence for each concept of a kind: the probe's
+        scores, or the cosine between the mean code and each concept's mean."""
+        if self.probe is not None:
+            return self.probe.scores(mean_code, members, row)
+        mu = torch.nn.functional.normalize(self.tables.means[members, row].float(), dim=1)
+        return torch.nn.functional.normalize(mean_code, dim=1) @ mu.to(mean_code.device).T
 
     def _near(self, concept_index: int, candidate: int) -> Tensor:
         """[B] bool: ``candidate``'s running sum is within ``concept_index``'s margin of the

@@ -15,7 +15,8 @@ from steering.recipe import PLAIN, SteeringRecipe
 
 # 2 adds ``recipe`` (steering/recipe.py); a version-1 bundle loads with the plain recipe.
 # 3 adds the optional learned swaps, translation.safetensors (steering/translation.py).
-BUNDLE_FORMAT_VERSION = 3
+# 4 adds the optional detection probe, gate_probe.safetensors (steering/gate_probe.py).
+BUNDLE_FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 
 

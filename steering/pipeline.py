@@ -174,8 +174,8 @@ class SteeredPipeline:
             plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe,
                                 self.bundle.translations)
             margins = plan.gate_margins
-            gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors)
-                    if margins else None)
+            gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors,
+                                self.bundle.gate_probe) if margins else None)
             steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
                                  self._detection, gate=gate)
             hooks = [(self.pipe.unet, "step_tracker", tracker),

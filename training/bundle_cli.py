@@ -1,5 +1,6 @@
 """`steer importance`, `steer export`, `steer bundle import|export --format sparsify` and
-`steer bundle fit-swap` (a learned swap, bundle format 3).
+`steer bundle fit-swap` (a learned swap, bundle format 3) and `steer bundle fit-gate` (the
+gate's learned read-out, format 4).
 
 Heavy modules (torch, diffusers, sparsify files) are imported inside the commands so that
 `steer --help` stays fast.
@@ -214,6 +215,43 @@ def bundle_fit_swap(
         b.save(bundle)
     typer.echo(f"added the learned swap {concept} → {anchor} ({len(pairs)} prompt pairs, "
                f"{len(swap.row)} feature rows) to {bundle}; recipe: gated translate")
+
+
+@bundle_app.command("fit-gate")
+def bundle_fit_gate(
+    bundle: Path = typer.Argument(..., help="Steering bundle to add the gate's probe to "
+                                  "(rewritten in place)."),
+    pipeline: Path = typer.Option(..., help="The SD-1.x pipeline folder the bundle is for."),
+    prompts: Path = typer.Option(..., help="Labelled prompts, JSONL as for `steer collect`: "
+                                 "prompt, concepts (kind -> concept), seed; every bundle "
+                                 "concept named by some."),
+    steps: int | None = typer.Option(None, help="Denoising steps (default: the bundle's)."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per pipeline call."),
+    ridge: float = typer.Option(1.0, min=0.0, help="Ridge strength (per run, on "
+                                "standardised codes)."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+) -> None:
+    """Fit the detection gate's learned read-out (format 4) on unedited runs of labelled
+    prompts; gated recipes then detect with it instead of nearest-centroid."""
+    from tqdm import tqdm
+
+    from steering.pipeline import SteeredPipeline
+    from training.activations.prompts import load_prompts
+    from training.gate_probe_fit import fit_bundle_gate
+
+    with _user_errors():
+        records = load_prompts(prompts)
+        steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device)
+        b = steered.bundle
+        assert b is not None
+        with tqdm(total=len(records), unit="img", desc="gate probe") as bar:
+            probe = fit_bundle_gate(steered, [r.prompt for r in records],
+                                    [r.seed for r in records], [r.concepts for r in records],
+                                    guidance, steps, batch_size, ridge, progress=bar.update)
+        b.gate_probe = probe.to("cpu")
+        b.save(bundle)
+    typer.echo(f"added the gate's probe ({len(records)} runs) to {bundle}")
 
 
 def _check_format(fmt: str) -> None:

@@ -4,7 +4,7 @@ to replacement, the gate, and the tables' and bundle's storage checks."""
 import pytest
 import torch
 
-from steering.bundle import SteeringBundle
+from steering.bundle import BUNDLE_FORMAT_VERSION, SteeringBundle
 from steering.edits import ConceptEdit, resolve_edits
 from steering.gate import ConceptGate
 from steering.hooks import SteeringHook, StepTracker, attached
@@ -135,7 +135,8 @@ def test_bundle_format_3_stores_checks_and_requires_its_swaps(tmp_path):
     out = tmp_path / "b3"
     bundle.save(out)
     loaded = SteeringBundle.load(out)
-    assert loaded.manifest.format_version == 3 and TRANSLATION_FILE in loaded.manifest.files
+    assert loaded.manifest.format_version == BUNDLE_FORMAT_VERSION
+    assert TRANSLATION_FILE in loaded.manifest.files
     assert loaded.manifest.recipe == GATED_TRANSLATE
     assert loaded.translations.get(names[0]).anchor == names[1]
 
@@ -174,7 +175,8 @@ def test_shipped_toy_bundle_swaps_every_concept_for_another_of_its_kind():
     from tests.conftest import ASSETS
 
     bundle = SteeringBundle.load(ASSETS / "toy-bundle")
-    assert bundle.manifest.recipe == GATED_TRANSLATE and bundle.manifest.format_version == 3
+    assert bundle.manifest.recipe == GATED_TRANSLATE
+    assert bundle.manifest.format_version == BUNDLE_FORMAT_VERSION
     kinds = {c.name: c.kind for c in bundle.manifest.concepts}
     assert set(bundle.translations.concepts) == set(kinds)
     for concept, swap in bundle.translations.concepts.items():

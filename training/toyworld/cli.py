@@ -92,3 +92,46 @@ def translations(
     write_report(bundle_dir, report, n_fit, n_check)
     typer.echo(f"wrote {len(tables.concepts)} learned swaps into {bundle_dir} (recipe "
                f"translate, gated); see {bundle_dir / 'TRANSLATIONS.md'}")
+
+
+@app.command("gate-probe")
+def gate_probe(
+    pipeline: Path = typer.Option(Path("assets/toy-pipeline"), help="The toy pipeline folder."),
+    bundle_dir: Path = typer.Option(Path("assets/toy-bundle"), "--bundle",
+                                    help="Bundle to add the gate's probe to (rewritten)."),
+    seeds_per_combo: int = typer.Option(3, min=1, max=100, help="Runs per shape × colour × "
+                                        "background × template (48 × 3 captions)."),
+    batch_size: int = typer.Option(64, min=1, help="Prompts per pipeline call."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+) -> None:
+    """Fit the detection gate's probe on unedited runs of every caption (seeds 3,200,000+),
+    report its accuracy per step on one more run of each (seeds 3,300,000+), and add it to the
+    bundle (bundle format 4)."""
+    from tqdm import tqdm
+
+    from steering.pipeline import SteeredPipeline
+    from training.gate_probe_fit import fit_bundle_gate, probe_accuracy, record_mean_codes
+    from training.toyworld.captions import N_TEMPLATES
+    from training.toyworld.prompt_sets import GATE_PROBE_SEED_BASE, canonical_prompts
+    from training.toyworld.world import KINDS
+
+    templates = tuple(range(N_TEMPLATES))
+    fit = canonical_prompts(seeds_per_combo, GATE_PROBE_SEED_BASE, templates)
+    check = canonical_prompts(1, GATE_PROBE_SEED_BASE + 100_000, templates)
+    steered = SteeredPipeline.from_pretrained(pipeline, bundle_dir, device=device)
+    assert steered.bundle is not None
+    with tqdm(total=len(fit) + len(check), unit="img", desc="gate probe") as bar:
+        probe = fit_bundle_gate(steered, [r["prompt"] for r in fit], [r["seed"] for r in fit],
+                                [r["concepts"] for r in fit], guidance=4.0,
+                                batch_size=batch_size, progress=bar.update)
+        codes = record_mean_codes(steered, [r["prompt"] for r in check],
+                                  [r["seed"] for r in check], steered.bundle.manifest.steps,
+                                  4.0, batch_size, bar.update)
+    for kind, per_step in probe_accuracy(probe, codes, [r["concepts"] for r in check],
+                                         KINDS).items():
+        typer.echo(f"{kind}: step 0 {per_step[0]:.3f}, mean over steps "
+                   f"{sum(per_step) / len(per_step):.3f}, lowest {min(per_step):.3f} "
+                   f"({len(check)} check runs)")
+    steered.bundle.gate_probe = probe.to("cpu")
+    steered.bundle.save(bundle_dir)
+    typer.echo(f"added the gate's probe ({len(fit)} runs) to {bundle_dir}")

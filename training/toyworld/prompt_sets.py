@@ -27,21 +27,24 @@ IMPORTANCE_SEED_BASE = 10_000
 SAE_SEED_BASE = 20_000
 HELDOUT_SEED_BASE = 30_000
 EVAL_SEED_BASE = 1_000_000
+GATE_PROBE_SEED_BASE = 3_200_000  # the gate's probe (after the swaps' 3.0M / 3.1M)
 
 
 def _record(prompt: str, concepts: dict[str, str], seed: int) -> dict:
     return {"prompt": prompt, "concepts": concepts, "seed": seed}
 
 
-def canonical_prompts(seeds_per_combo: int, seed_base: int) -> list[dict]:
-    """Each combination's canonical caption (template 0) with ``seeds_per_combo`` seeds."""
+def canonical_prompts(seeds_per_combo: int, seed_base: int,
+                      templates: tuple[int, ...] = (0,)) -> list[dict]:
+    """Each combination's caption with canonical words, in each of ``templates`` (the
+    importance tables use template 0 only), with ``seeds_per_combo`` seeds."""
     records = []
-    combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS))
+    items = list(itertools.product(itertools.product(SHAPES, COLOURS, BACKGROUNDS), templates))
     for rep in range(seeds_per_combo):
-        for i, (shape, colour, background) in enumerate(combos):
+        for i, ((shape, colour, background), template) in enumerate(items):
             labels = {"shape": shape, "colour": colour, "background": background}
-            records.append(_record(compose(shape, colour, background, 0), labels,
-                                   seed_base + rep * len(combos) + i))
+            records.append(_record(compose(shape, colour, background, template), labels,
+                                   seed_base + rep * len(items) + i))
     return records
 
 
