@@ -53,6 +53,7 @@ demo: install
 # Benchmarks print one JSON line each and write bench/results/ (ratios measured side by side).
 bench: install
 	$(BIN)/python bench/steering_overhead.py
+	$(BIN)/python bench/translate_delta.py
 	$(BIN)/python bench/collection_throughput.py
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/sae_training_vs_sparsify.py

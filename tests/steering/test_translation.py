@@ -182,3 +182,15 @@ def test_shipped_toy_bundle_swaps_every_concept_for_another_of_its_kind():
     for concept, swap in bundle.translations.concepts.items():
         assert swap.anchor != concept and kinds[swap.anchor] == kinds[concept]
         assert set(swap.row.tolist()) == set(range(bundle.manifest.steps))
+
+
+def test_gather_by_lookup_matches_comparing_every_entry():
+    from steering.plan import gather_latents
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(2, 5, 4, generator=g)
+    indices = torch.randint(0, 12, (2, 5, 4), generator=g)
+    for features in (torch.tensor([7, 0, 30, 11]), torch.tensor([3]),
+                     torch.zeros(0, dtype=torch.long)):  # 30: beyond every active id
+        want = (values.unsqueeze(-1) * (indices.unsqueeze(-1) == features)).sum(-2)
+        torch.testing.assert_close(gather_latents(values, indices, features), want)
