@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = 24 * 3600
     webhook_timeout_s: float = 10.0
     webhook_retries: int = 5
+    webhook_allowed: list[str] = Field(
+        default_factory=list, description="Networks (CIDR) or host names webhooks may reach "
+        "although private or loopback, e.g. [\"10.1.0.0/16\", \"hooks.internal\"]; others "
+        "must be public (SSRF guard)")
     wait_max_s: float = Field(60.0, description="Longest `Prefer: wait=N` honoured")
 
     @field_validator("policy_file", mode="before")

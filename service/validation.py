@@ -11,6 +11,7 @@ from service.catalog import Catalog
 from service.errors import ApiError
 from service.schemas import BatchCreate, GenerationCreate
 from service.settings import Settings
+from service.webhook_guard import WebhookRefused, check_url
 from steering.edits import EditError, ResolvedEdit, resolve_edits
 
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
@@ -41,6 +42,7 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
                            f"{settings.max_size}]")
     if not 1 <= req.n_images <= settings.max_n_images:
         raise _invalid(at + "n_images", f"{req.n_images} is outside [1, {settings.max_n_images}]")
+    check_webhook(req.webhook, settings, at + "webhook")
     resolved = []
     for i, edit in enumerate(req.concepts):
         try:
@@ -56,5 +58,16 @@ def check_batch(batch: BatchCreate, settings: Settings, catalog: Catalog) -> Non
     if len(batch.requests) > settings.max_batch_items:
         raise _invalid("requests", f"{len(batch.requests)} requests; at most "
                        f"{settings.max_batch_items} per batch (split it)")
+    check_webhook(batch.webhook, settings, "webhook")
     for i, req in enumerate(batch.requests):
         check_generation(req, settings, catalog, at=f"requests[{i}].")
+
+
+def check_webhook(url: object | None, settings: Settings, field: str) -> None:
+    """422 for a webhook aimed at a private or loopback address (service.webhook_guard)."""
+    if url is None:
+        return
+    try:
+        check_url(str(url), settings.webhook_allowed)
+    except WebhookRefused as exc:
+        raise _invalid(field, str(exc)) from None

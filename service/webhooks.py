@@ -9,6 +9,8 @@ Body: ``{"event": "generation.finished", "sent_at": <unix s>, "generation": <Gen
 Headers: ``X-Steer-Signature: sha256=<hex HMAC-SHA256(secret, body)>`` and
 ``X-Steer-Timestamp: <sent_at>`` (the timestamp is inside the signed body too, so a receiver
 can refuse replays). The secret is ``STEER_WEBHOOK_SECRET`` or ``<data_dir>/.secrets/webhook``.
+URLs aimed at private or loopback addresses are refused (service.webhook_guard); redirects are
+not followed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from service.images import ImageStore
 from service.jobstore import read_generation
 from service.secretfile import load_or_create_secret
 from service.settings import Settings
+from service.webhook_guard import WebhookRefused, check_delivery
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,12 @@ def deliver_generation(generation_id: str, url: str) -> int:
     from service.views import generation_view
 
     settings = current_settings()
+    try:
+        check_delivery(url, settings.webhook_allowed)
+    except WebhookRefused as exc:  # not retried: the address will not become public
+        log.warning("webhook refused", extra={"generation_id": generation_id,
+                                              "reason": str(exc)})
+        return 0
     job = get_current_job()
     conn = job.connection if job is not None else redis.Redis.from_url(settings.redis_url or "")
     record = read_generation(Queue(settings.queue_name, connection=conn), generation_id)
@@ -98,7 +107,7 @@ def deliver_generation(generation_id: str, url: str) -> int:
                SIGNATURE_HEADER: sign(body, webhook_secret(settings)),
                TIMESTAMP_HEADER: str(sent_at)}
     try:
-        response = httpx.post(url, content=body, headers=headers,
+        response = httpx.post(url, content=body, headers=headers, follow_redirects=False,
                               timeout=settings.webhook_timeout_s)
     except httpx.HTTPError as exc:
         raise WebhookDeliveryError(f"webhook {url} for {generation_id} failed: {exc}") from exc
