@@ -63,6 +63,11 @@ class SteeringBundle:
     translations: TranslationTables | None = None
     gate_probe: GateProbe | None = None
     _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
+    # optional file -> (the object loaded from it, its path, its sha256): saving the same
+    # object back to that path keeps the file (safetensors writes metadata in hash-map order,
+    # so a rewrite of unchanged swaps would change their bytes and checksum)
+    _loaded_parts: dict[str, tuple[object, Path, str]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -128,8 +133,13 @@ class SteeringBundle:
             if part is None:
                 (directory / name).unlink(missing_ok=True)
                 continue
-            part.save(directory / name)
             names.append(name)
+            loaded, path, sha = self._loaded_parts.get(name, (None, None, None))
+            target = (directory / name).resolve()
+            if loaded is part and path == target and target.is_file() and \
+                    sha256_file(target) == sha:
+                continue  # unchanged since loaded from this very file
+            part.save(directory / name)
         self.manifest.files = {name: sha256_file(directory / name) for name in names}
         text = self.manifest.to_json()
         tmp = directory / (MANIFEST_FILE + ".tmp")
@@ -246,6 +256,10 @@ class SteeringBundle:
             translations=translations,
             gate_probe=gate_probe,
             _manifest_sha256=hashlib.sha256(raw).hexdigest(),
+            _loaded_parts={name: (part, (directory / name).resolve(), manifest.files[name])
+                           for name, part in ((TRANSLATION_FILE, translations),
+                                              (GATE_PROBE_FILE, gate_probe))
+                           if part is not None},
         )
         if expected_fingerprint is not None:
             bundle.check_fingerprint(expected_fingerprint)

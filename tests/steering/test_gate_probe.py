@@ -89,3 +89,22 @@ def test_shipped_toy_bundle_has_a_probe_for_every_concept():
     bundle = SteeringBundle.load(ASSETS / "toy-bundle")
     assert bundle.gate_probe is not None
     assert bundle.gate_probe.concepts == bundle.concept_names
+
+
+def test_saving_a_loaded_bundle_back_keeps_its_unchanged_optional_files(tmp_path):
+    from tests.steering.test_bundle import _make
+
+    bundle, _ = _make(tmp_path)
+    m = bundle.manifest
+    bundle.gate_probe = probe_for(bundle.concept_names, m.steps, m.n_latents)
+    out = tmp_path / "b4"
+    bundle.save(out)
+    loaded = SteeringBundle.load(out)
+    (out / GATE_PROBE_FILE).touch()
+    before = (out / GATE_PROBE_FILE).stat().st_mtime_ns
+    loaded.manifest.command = "steer eval --write-defaults"  # only the manifest changes
+    loaded.save(out)
+    assert (out / GATE_PROBE_FILE).stat().st_mtime_ns == before  # not rewritten
+    loaded.gate_probe = probe_for(bundle.concept_names, m.steps, m.n_latents, seed=1)
+    loaded.save(out)  # a new probe is written
+    assert torch.equal(SteeringBundle.load(out).gate_probe.weight, loaded.gate_probe.weight)
