@@ -123,6 +123,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = "no such endpoint; see /docs or openapi/openapi.json"
     elif exc.status_code == 405:
         detail = f"method {request.method} is not allowed here; see /docs"
+    elif exc.status_code == 400 and detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not UTF-8: a malformed body like invalid JSON
+        return error_response(422, "body: not valid JSON (it must be UTF-8 text)", "body")
     return error_response(exc.status_code, str(detail), None, dict(exc.headers or {}))
 
 

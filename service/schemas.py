@@ -25,9 +25,10 @@ class ConceptEditIn(BaseModel):
 
     name: str = Field(..., min_length=1, max_length=100, examples=["red"])
     direction: Direction = Direction.SUPPRESS
-    gamma: float | None = Field(None, description="Strength; 0 turns the edit off; the "
+    gamma: float | None = Field(None, allow_inf_nan=False,
+                                description="Strength; 0 turns the edit off; the "
                                 "concept's gamma_range bounds it (GET /v1/concepts)")
-    percentile: float | None = Field(None, ge=0.0, lt=100.0,
+    percentile: float | None = Field(None, ge=0.0, lt=100.0, allow_inf_nan=False,
                                      description="Features above this importance percentile")
 
     def to_edit(self) -> ConceptEdit:
@@ -43,12 +44,16 @@ class GenerationCreate(BaseModel):
     prompt: str = Field(..., min_length=1, examples=["a red circle on a striped background"])
     negative_prompt: str | None = None
     concepts: list[ConceptEditIn] = Field(default_factory=list, max_length=32)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Default: random (returned)")
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(7.5, ge=0.0, le=30.0)
-    width: int | None = Field(None, description="Multiple of 8; default: the model's size")
-    height: int | None = Field(None, description="Multiple of 8; default: the model's size")
-    n_images: int = Field(1, ge=1)
+    # strict: true, 2.5 or "2" are not a step count (lax pydantic would take true as 1)
+    seed: int | None = Field(None, ge=0, lt=2**63, strict=True,
+                             description="Default: random (returned)")
+    steps: int = Field(50, ge=1, strict=True)
+    guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    width: int | None = Field(None, strict=True,
+                              description="Multiple of 8; default: the model's size")
+    height: int | None = Field(None, strict=True,
+                               description="Multiple of 8; default: the model's size")
+    n_images: int = Field(1, ge=1, strict=True)
     scheduler: Literal["ddim"] = Field("ddim", description="Only DDIM (bundles are made for it)")
     webhook: HttpUrl | None = Field(None, description="POSTed the finished job, signed "
                                     "(X-Steer-Signature: sha256=HMAC(secret, body))")
