@@ -111,8 +111,12 @@ class ImageStore:
         info.add_text(PROVENANCE_CHUNK, json.dumps(provenance, sort_keys=True, default=str))
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f"{_TMP_PREFIX}{image_id}.png"
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        try:
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            raise
         return path
 
     def _signature(self, image_id: str, exp: int) -> str:

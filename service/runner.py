@@ -179,11 +179,22 @@ class _Progress:
 
     def __call__(self, step: int, total: int) -> None:
         now = time.perf_counter()
-        observe(self.conn, "step_latency_seconds", now - self.last_step_at)
+        try:
+            observe(self.conn, "step_latency_seconds", now - self.last_step_at)
+            if step == total or now - self.last_write_at >= PROGRESS_MIN_INTERVAL_S:
+                update_meta(self.conn, self.job_id, progress={"step": step, "total": total})
+                self.last_write_at = now
+        except redis.RedisError:  # progress is best effort: a Redis blip must not cost the job
+            log.warning("progress not recorded: Redis unreachable", exc_info=True)
         self.last_step_at = now
-        if step == total or now - self.last_write_at >= PROGRESS_MIN_INTERVAL_S:
-            update_meta(self.conn, self.job_id, progress={"step": step, "total": total})
-            self.last_write_at = now
+
+
+def _cancel_requested(conn: redis.Redis, job_id: str) -> bool:
+    """Whether the job was canceled; False while Redis is unreachable (keep generating)."""
+    try:
+        return cancel_requested(conn, job_id)
+    except redis.RedisError:
+        return False
 
 
 def _concepts(edits: list[ResolvedEdit]) -> list[dict[str, Any]]:
@@ -220,17 +231,28 @@ def _queued_s(meta: dict[str, Any], started: float) -> float | None:
     return max(0.0, started - datetime.fromisoformat(created).timestamp())
 
 
+class ImageStoreError(RuntimeError):
+    """The job's images could not be written (the job fails; the worker keeps serving)."""
+
+
 def _save_images(result: Enforced, parameters: dict[str, Any], provenance: dict[str, Any],
                  job_id: str, rt: WorkerRuntime) -> list[dict[str, Any]]:
     """Write each image as ``<new uuid>.png`` with its provenance (the edits that image was
     made with: a policy may have steered it); [{"id", "seed"}]."""
-    images = []
+    images: list[dict[str, Any]] = []
     for seed, image, edits in zip(result.seeds, result.images, result.edits, strict=True):
         image_id = new_id()
         used = {**parameters, "concepts": _concepts(edits)}
-        rt.images.save(image, image_id, a1111_parameters(used, seed, provenance),
-                       {"generation_id": job_id, "seed": seed, "parameters": used,
-                        "provenance": provenance})
+        try:
+            rt.images.save(image, image_id, a1111_parameters(used, seed, provenance),
+                           {"generation_id": job_id, "seed": seed, "parameters": used,
+                            "provenance": provenance})
+        except OSError as exc:  # disk full, read-only, gone: fail this job, keep serving
+            rt.images.delete(i["id"] for i in images)
+            raise ImageStoreError(
+                f"could not write image {len(images) + 1} of {len(result.images)} to "
+                f"{rt.images.directory}: {exc.strerror or exc}; free space there or point "
+                "STEER_DATA_DIR elsewhere, then resubmit") from exc
         images.append({"id": image_id, "seed": seed})
     return images
 
@@ -254,7 +276,7 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
         update_meta(conn, job_id, progress={"step": 0, "total": form.steps})
         result = enforce.generate(rt.pipeline, request, plan, policy,
                                   progress=_Progress(conn, job_id),
-                                  should_cancel=lambda: cancel_requested(conn, job_id))
+                                  should_cancel=lambda: _cancel_requested(conn, job_id))
         # A refused generation has no image to write (nothing reaches the disk).
         images = (_save_images(result, parameters, provenance, job_id, rt)
                   if result.refusal is None else [])
@@ -266,7 +288,7 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
     except EditError as exc:
         return JobOutcome("failed", parameters=parameters, provenance=provenance,
                           error=f"{exc.field}: {exc}")
-    except PolicyError as exc:
+    except (PolicyError, ImageStoreError) as exc:
         return JobOutcome("failed", parameters=parameters, provenance=provenance,
                           error=str(exc))
     except JobTimeoutException:

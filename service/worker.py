@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -35,6 +36,7 @@ from rq import SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import CanceledJobRegistry
 from rq.scheduler import RQScheduler
 from rq.scheduler import run as run_scheduler
 from rq.worker import WorkerStatus
@@ -118,16 +120,42 @@ class SteerWorker(SimpleWorker):
     # -- life cycle ------------------------------------------------------------------------
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
-        """RQ's work loop; the scheduler runs in a thread started by :meth:`bootstrap`."""
+        """RQ's work loop; the scheduler runs in a thread started by :meth:`bootstrap`.
+
+        RQ quits on a Redis error outside its idle wait (e.g. writing a result while Redis
+        restarts); the worker then waits for Redis and starts the loop again with the model
+        still loaded. A job caught in the gap is requeued by the registry cleanup."""
         self._burst = burst
         kwargs["with_scheduler"] = False
-        return super().work(burst=burst, **kwargs)
+        while True:
+            try:
+                return super().work(burst=burst, **kwargs)
+            except redis.ConnectionError:
+                if burst or self._stop_requested:
+                    raise
+                log.warning("Redis unreachable: waiting for it, then taking jobs again",
+                            exc_info=True)
+                self._wait_for_redis()
+
+    def _wait_for_redis(self, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
+        """Block until Redis answers PING, backing off; a signal still stops the worker."""
+        wait = first_wait_s
+        while not self._stop_requested:
+            try:
+                self.connection.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(wait)
+                wait = min(2 * wait, max_wait_s)
+        raise SystemExit(0)
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         """Load and warm up the pipeline (once), register with RQ and as a steer worker,
         start the heartbeat and scheduler threads."""
-        self.runtime = configure(self.settings, self.device, self.dtype, self.name)
-        self.runtime.warm_up()
+        if self.runtime is None:
+            self.runtime = configure(self.settings, self.device, self.dtype, self.name)
+            self.runtime.warm_up()
+        self._beat_stop.clear()
         super().bootstrap(*args, **kwargs)
         self._register()
         self._beat_thread = threading.Thread(target=self._beat, name="steer-heartbeat",
@@ -181,8 +209,15 @@ class SteerWorker(SimpleWorker):
             self._running = None
 
     def run_maintenance_tasks(self) -> None:
-        """RQ's (registry cleanup: abandoned jobs retried once, then failed), then images."""
+        """RQ's (registry cleanup: abandoned jobs retried once, then failed), the canceled
+        registries, then images."""
         super().run_maintenance_tasks()
+        # RQ never cleans CanceledJobRegistry (its entries are scored with the cancel time):
+        # without this, every job canceled while queued stays listed forever.
+        cutoff = time.time() - self.settings.result_retention_s
+        for queue in self.queues:
+            registry = CanceledJobRegistry(queue.name, connection=self.connection)
+            self.connection.zremrangebyscore(registry.key, 0, cutoff)
         if self.runtime is not None:
             removed = self.runtime.images.sweep(self.settings.result_retention_s)
             if removed:

@@ -23,3 +23,10 @@ def api_client(settings: Settings, **headers: str) -> Iterator[TestClient]:
 def body(**overrides: Any) -> dict[str, Any]:
     """A small valid generation request (toy bundle concepts)."""
     return {"prompt": "a red circle on a striped background", "steps": 2, **overrides}
+
+
+def poll(client: TestClient, url: str, wait_for: Any,
+         done: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict[str, Any]:
+    """GET ``url`` until its status is final; the last answer."""
+    return wait_for(lambda: (r := client.get(url).json())["status"] in done and r,
+                    timeout=120, what=f"{url} to finish", interval=0.1)

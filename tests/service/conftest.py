@@ -98,18 +98,22 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of our own on a free port, which a test may stop and start again."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, aof_dir: Path | None = None) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: subprocess.Popen | None = None
+        self.aof_dir = aof_dir  # persistence as in compose (AOF), fsync'd on every write
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+        persistence = (["--appendonly", "yes", "--appendfsync", "always", "--dir",
+                        str(self.aof_dir)] if self.aof_dir is not None
+                       else ["--appendonly", "no"])
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             *persistence], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -122,6 +126,13 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final flush (a crash, not a restart)."""
+        if self.process is not None:
+            self.process.kill()
             self.process.wait(10)
             self.process = None
 

@@ -11,16 +11,10 @@ import numpy as np
 from PIL import Image
 
 from service.images import read_png_text
-from tests.service.api_support import api_client
+from tests.service.api_support import api_client, poll
 from tests.service.worker_support import TOY_BUNDLE_SHA, wait_ready
 
 PROMPT = "a red circle on a striped background"
-
-
-def poll(client, url: str, wait_for, done=("succeeded", "failed", "canceled")) -> dict:
-    """GET ``url`` until its status is final; the last answer."""
-    return wait_for(lambda: (r := client.get(url).json())["status"] in done and r,
-                     timeout=120, what=f"{url} to finish", interval=0.1)
 
 
 def test_submit_poll_png_with_provenance_and_steering_changes_it(settings, conn, spawn,

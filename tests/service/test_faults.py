@@ -1,0 +1,152 @@
+"""Faults (issue 8, beyond the serving tests): every worker gone, Redis killed and restarted
+(AOF, a private server), the API restarted mid-job, a full disk for images, a corrupt bundle
+at worker start. Acknowledged jobs are never lost; each fault says what happened."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import redis
+
+from service import runner
+from service.settings import REPO_ASSETS
+from tests.service.api_support import api_client, body, poll
+from tests.service.conftest import PrivateRedis, fast_settings, free_port
+from tests.service.worker_support import (
+    LONG,
+    record,
+    run_queued,
+    start_worker,
+    submit,
+    wait_ready,
+    wait_status,
+)
+
+
+def test_jobs_wait_while_no_worker_is_alive_and_run_when_one_comes_back(settings, conn, spawn,
+                                                                         wait_for):
+    with api_client(settings) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and int(ready.headers["Retry-After"]) >= 1
+        job = client.post("/v1/generations", json=body()).json()
+        assert client.get(job["links"]["self"]).json()["status"] == "queued"
+        worker = spawn("late")
+        wait_ready(conn, worker, wait_for)
+        assert client.get("/readyz").status_code == 200
+        assert poll(client, job["links"]["self"], wait_for)["status"] == "succeeded"
+        worker.proc.kill()
+        worker.proc.wait(10)
+        # the dead worker's heartbeat runs out: not ready again, new jobs wait
+        wait_for(lambda: client.get("/readyz").status_code == 503, timeout=30,
+                 what="readyz to notice the worker is gone", interval=0.5)
+        waiting = client.post("/v1/generations", json=body()).json()
+        assert client.get(waiting["links"]["self"]).json()["status"] == "queued"
+
+
+def test_polling_resumes_on_a_restarted_api_while_the_job_keeps_running(settings, conn, spawn,
+                                                                         wait_for):
+    wait_ready(conn, spawn("steady"), wait_for)
+    with api_client(settings) as first:
+        job = first.post("/v1/generations", json=body(steps=LONG // 5)).json()
+        wait_for(lambda: first.get(job["links"]["self"]).json()["status"] == "running",
+                 timeout=60, what="the job to start")
+    with api_client(settings) as second:  # a new gateway process, same Redis
+        done = poll(second, job["links"]["self"], wait_for)
+        assert done["status"] == "succeeded" and done["progress"]["step"] == LONG // 5
+
+
+def test_acknowledged_jobs_survive_a_redis_crash_with_aof(tmp_path, wait_for):
+    server = PrivateRedis(free_port(), aof_dir=tmp_path / "redis")
+    server.aof_dir.mkdir()
+    server.start()
+    settings = fast_settings(tmp_path / "data", server.url)
+    worker = None
+    try:
+        with api_client(settings) as client:
+            accepted = [client.post("/v1/generations", json=body(seed=i)) for i in range(4)]
+            assert [r.status_code for r in accepted] == [202] * 4
+            server.kill()  # a crash: whatever was acknowledged must be on disk already
+            down = client.post("/v1/generations", json=body())
+            assert down.status_code == 503 and int(down.headers["Retry-After"]) >= 1
+            assert client.get(accepted[0].json()["links"]["self"]).status_code == 503
+            server.start()  # replays the AOF
+            worker = start_worker(settings, "after-crash", tmp_path)
+            conn = redis.Redis.from_url(server.url)
+            wait_ready(conn, worker, wait_for)
+            for r in accepted:
+                assert poll(client, r.json()["links"]["self"], wait_for)["status"] == "succeeded"
+            assert client.post("/v1/generations", json=body()).status_code == 202
+    finally:
+        if worker is not None and worker.alive():
+            worker.proc.kill()
+            worker.proc.wait(10)
+        server.stop()
+
+
+def test_a_worker_rides_out_a_redis_restart_mid_job(tmp_path, wait_for):
+    server = PrivateRedis(free_port(), aof_dir=tmp_path / "redis")
+    server.aof_dir.mkdir()
+    server.start()
+    settings = fast_settings(tmp_path / "data", server.url)
+    conn = redis.Redis.from_url(server.url)
+    worker = start_worker(settings, "restart", tmp_path)
+    try:
+        wait_ready(conn, worker, wait_for)
+        job_id = submit(conn, settings, steps=LONG // 5)
+        wait_status(conn, settings, job_id, wait_for, {"running"})
+        server.stop()  # a restart: SIGTERM, AOF flushed
+        server.start()
+        done = wait_status(conn, settings, job_id, wait_for,
+                           {"succeeded", "failed", "canceled"}, timeout=120)
+        assert done.status == "succeeded", (done.error, worker.log()[-3000:])
+        follow_up = submit(conn, settings, steps=2)
+        assert wait_status(conn, settings, follow_up, wait_for,
+                           {"succeeded", "failed"}).status == "succeeded"
+    finally:
+        if worker.alive():
+            worker.proc.kill()
+            worker.proc.wait(10)
+        server.stop()
+
+
+def test_a_full_disk_fails_the_job_with_the_reason_and_the_worker_keeps_serving(
+        conn, settings, monkeypatch):
+    runner.configure(settings)
+    full = submit(conn, settings, steps=2, n_images=2)
+    real_save = PIL.Image.Image.save
+
+    def no_space(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", no_space)
+    run_queued(conn, settings)
+    failed = record(conn, settings, full)
+    assert failed.status == "failed"
+    assert "No space left on device" in failed.error and "free space" in failed.error
+    assert not [p for p in settings.images_dir.iterdir()], "a half-written image was left"
+
+    monkeypatch.setattr(PIL.Image.Image, "save", real_save)
+    fine = submit(conn, settings, steps=2)
+    run_queued(conn, settings)
+    assert record(conn, settings, fine).status == "succeeded"
+
+
+@pytest.mark.parametrize("damage", ["sae.safetensors", "manifest.json", "gate_probe.safetensors"])
+def test_a_worker_refuses_to_start_on_a_corrupt_bundle_and_names_the_file(settings, tmp_path,
+                                                                          damage):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO_ASSETS / "toy-bundle", bundle)
+    path = bundle / damage
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    worker = start_worker(settings.model_copy(update={"bundle_dir": bundle}), "corrupt",
+                          tmp_path)
+    assert worker.proc.wait(120) != 0
+    log = worker.log()
+    assert damage in log, log[-2000:]
