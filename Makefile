@@ -61,6 +61,7 @@ bench: install
 	$(BIN)/python bench/service_submit.py
 	$(BIN)/python bench/service_e2e_latency.py
 	$(BIN)/python bench/worker_rss.py
+	$(BIN)/python bench/worker_throughput.py
 
 # Rebuild assets/ from scratch (about an hour on 2 CPU cores; rerun to resume).
 toyworld: install

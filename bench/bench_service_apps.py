@@ -1,4 +1,5 @@
-"""The apps bench/service_submit.py serves with uvicorn: our gateway and a minimal endpoint."""
+"""The apps bench/service_submit.py serves with uvicorn: our gateway, a minimal endpoint and a
+bare one that does nothing."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def minimal() -> FastAPI:
                            timeout_s=settings.job_timeout_s,
                            retention_s=settings.result_retention_s)
         return {"id": job_id, "status": "queued"}
+
+    return app
+
+
+def bare() -> FastAPI:
+    """An endpoint that reads the body and answers 202: the floor of uvicorn + FastAPI."""
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/generations", status_code=202)
+    async def create() -> dict[str, str]:
+        return {"status": "queued"}
 
     return app
 

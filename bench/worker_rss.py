@@ -1,9 +1,9 @@
-"""Worker memory after 300 jobs ÷ after 10 jobs (RSS of the `steer worker` process).
+"""Worker memory after 300 jobs ÷ after 10 jobs (USS and RSS of the `steer worker` process).
 
 Starts an embedded Valkey and one ``steer worker`` on the toy pipeline and bundle, enqueues
 steered toy generations one after another (each waits for the previous, so the worker is
-idle when measured) and reads the worker's RSS with psutil after job 10 and after job
-``--jobs``. Target: ≤ 1.05.
+idle when measured) and reads the worker's USS (memory only it holds, what a leak grows) and
+RSS with psutil after job 10 and after job ``--jobs``. Target: USS ratio ≤ 1.05.
 
 Run: ``.venv/bin/python bench/worker_rss.py`` (prints one JSON line and writes
 bench/results/worker_rss.json).
@@ -63,17 +63,22 @@ def main() -> None:
         try:
             queue = Queue("steer-generations", connection=redis.Redis.from_url(url))
             rss: dict[int, float] = {}
+            uss: dict[int, float] = {}
             for i in range(1, args.jobs + 1):
                 run_job(queue, i, args.steps)
                 if i in (10, args.jobs) or i % 50 == 0:
-                    rss[i] = psutil.Process(worker.pid).memory_info().rss / 2**20
-                    print(f"after {i} jobs: RSS {rss[i]:.1f} MiB", file=sys.stderr)
+                    info = psutil.Process(worker.pid).memory_full_info()
+                    rss[i], uss[i] = info.rss / 2**20, info.uss / 2**20
+                    print(f"after {i} jobs: USS {uss[i]:.1f} MiB, RSS {rss[i]:.1f} MiB",
+                          file=sys.stderr)
         finally:
             worker.terminate()
             worker.wait(60)
     result = {"bench": "worker_rss", "jobs": args.jobs, "steps": args.steps,
+              "uss_mib": {str(k): round(v, 1) for k, v in uss.items()},
               "rss_mib": {str(k): round(v, 1) for k, v in rss.items()},
-              "ratio": round(rss[args.jobs] / rss[10], 4)}
+              "uss_ratio": round(uss[args.jobs] / uss[10], 4),
+              "rss_ratio": round(rss[args.jobs] / rss[10], 4)}
     print(json.dumps(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,6 +22,9 @@ It listens to the generation queue first, then the webhook queue.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import socket
@@ -47,6 +50,30 @@ from service.settings import Settings
 from service.worker_registry import register_worker, unregister_worker
 
 log = logging.getLogger(__name__)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS after a job (glibc's ``malloc_trim``).
+
+    A job allocates and frees many large tensors of varying sizes (the plan's rows, the
+    UNet's activations); glibc keeps the freed pages, so without this a worker's unique memory
+    crept up by ~13 % over its first 300 toy jobs (bench/worker_rss.py). The trim is a no-op
+    without glibc; the collection takes a few ms, next to seconds of generation."""
+    gc.collect()  # tensors held only by reference cycles (hooks, tracebacks) go first
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 class ThreadScheduler(RQScheduler):
@@ -197,6 +224,7 @@ class SteerWorker(SimpleWorker):
             self.perform_job(job, queue, execution)
         finally:
             self._job_ended()
+            release_free_memory()
         self.set_state(WorkerStatus.IDLE)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +50,20 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _load_part(path: Path, manifest: BundleManifest, load: Callable[..., Any],
+               check: Callable[[Any, BundleManifest], None], what: str,
+               device: str | torch.device) -> Any:
+    """An optional bundle file, loaded and checked against the manifest when it lists it."""
+    if path.name not in manifest.files:
+        return None
+    try:
+        part = load(path, device)
+        check(part, manifest)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path.name}: cannot load {what}: {e}") from e
+    return part
 
 
 @dataclass
@@ -224,31 +238,17 @@ class SteeringBundle:
                 f"lists {names} (same names in the same order are required)"
             )
 
-        # 4. learned swaps (format 3), when listed
-        translations = None
-        if TRANSLATION_FILE in manifest.files:
-            try:
-                translations = TranslationTables.load(directory / TRANSLATION_FILE, device)
-                cls.check_translations(translations, manifest)
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{TRANSLATION_FILE}: cannot load the learned swaps: {e}"
-                                  ) from e
-        elif manifest.recipe.name == "translate":
+        # 4. learned swaps (format 3) and the gate's probe (format 4), when listed
+        translations = _load_part(directory / TRANSLATION_FILE, manifest, TranslationTables.load,
+                                  cls.check_translations, "the learned swaps", device)
+        if translations is None and manifest.recipe.name == "translate":
             raise BundleError(f"{MANIFEST_FILE}: recipe 'translate' needs {TRANSLATION_FILE}, "
                               "which the bundle does not list; rebuild it with its swaps or "
                               "set the recipe to 'replace'")
+        gate_probe = _load_part(directory / GATE_PROBE_FILE, manifest, GateProbe.load,
+                                cls.check_gate_probe, "the gate's probe", device)
 
-        # 5. the gate's probe (format 4), when listed
-        gate_probe = None
-        if GATE_PROBE_FILE in manifest.files:
-            try:
-                gate_probe = GateProbe.load(directory / GATE_PROBE_FILE, device)
-                cls.check_gate_probe(gate_probe, manifest)
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{GATE_PROBE_FILE}: cannot load the gate's probe: {e}"
-                                  ) from e
-
-        # 6. pipeline fingerprint
+        # 5. pipeline fingerprint
         bundle = cls(
             manifest=manifest,
             sae=sae,

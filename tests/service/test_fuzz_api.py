@@ -6,16 +6,12 @@ schema declares for the operation. Bounded: FUZZ_EXAMPLES per operation."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import hypothesis
 import pytest
-import redis
 import schemathesis
-import uvicorn
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -24,9 +20,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.worker_registry import live_workers
 from tests.service.conftest import PrivateRedis, fast_settings, free_port
+from tests.service.live_support import serving, wait_http_ready
 from tests.service.worker_support import ROOT, start_worker
 
 FUZZ_EXAMPLES = 50
@@ -46,31 +41,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = fast_settings(tmp / "data", server.url, max_steps=8, max_n_images=2,
                              max_size=64, max_batch_items=4, rate_limit_per_minute=100_000)
     worker = start_worker(settings, "fuzz", tmp)
-    deadline = time.monotonic() + 90
-    conn = redis.Redis.from_url(server.url)
-    while not any(w["name"] == "fuzz" for w in live_workers(conn)):  # readyz: 200, not 503
-        if time.monotonic() > deadline or not worker.alive():
-            raise RuntimeError(f"the worker did not register:\n{worker.log()[-2000:]}")
-        time.sleep(0.2)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                       log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the fuzzed app did not start")
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serving(settings) as base:
+            wait_http_ready(base, worker)  # /readyz 200, not 503
+            yield base
     finally:
-        uv.should_exit = True
-        thread.join(10)
         worker.proc.kill()
         worker.proc.wait(10)
-        assert not [line for line in worker.log().splitlines() if '"CRITICAL"' in line]
-        conn.close()
         server.stop()
 
 

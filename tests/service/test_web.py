@@ -17,25 +17,21 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
-import uvicorn
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from service.app import create_app
 from service.auth import create_key
 from service.catalog import load_catalog
 from service.settings import REPO_ASSETS, Settings
-from tests.service.conftest import TEST_REDIS_URL, fast_settings, free_port, shared_redis
+from tests.service.conftest import TEST_REDIS_URL, fast_settings, shared_redis
+from tests.service.live_support import serving, wait_http_ready
 from tests.service.worker_support import ROOT, WorkerProcess, start_worker
 
 CHROMIUM = Path(os.environ.get("STEER_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -66,37 +62,6 @@ class Stack:
     worker: WorkerProcess
 
 
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The gateway for ``settings`` under uvicorn in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"uvicorn did not start on port {port}")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
-def wait_ready(base: str, worker: WorkerProcess) -> None:
-    """Until /readyz says a worker has loaded the bundle (fails fast if the worker died)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert worker.alive(), f"worker exited:\n{worker.log()[-3000:]}"
-        if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no worker ready in 120 s:\n{worker.log()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     conn = shared_redis()
@@ -108,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     worker = start_worker(settings, "web", folder)
     try:
         with serving(settings) as base:
-            wait_ready(base, worker)
+            wait_http_ready(base, worker)
             yield Stack(base, settings, conn, worker)
     finally:
         worker.proc.terminate()

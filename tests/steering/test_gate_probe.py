@@ -56,7 +56,8 @@ def test_the_gate_decides_by_the_probe_when_it_has_one():
     torch.testing.assert_close(learned.running["k"], torch.tensor([[0.5, 0.0], [0.5, 2.0]]))
 
 
-def test_bundle_format_4_stores_and_checks_the_probe(tmp_path):
+def saved_with_a_probe(tmp_path):
+    """A small bundle given a random probe, saved to tmp_path/b4, and loaded back."""
     from tests.steering.test_bundle import _make
 
     bundle, _ = _make(tmp_path)
@@ -64,7 +65,12 @@ def test_bundle_format_4_stores_and_checks_the_probe(tmp_path):
     bundle.gate_probe = probe_for(bundle.concept_names, m.steps, m.n_latents)
     out = tmp_path / "b4"
     bundle.save(out)
-    loaded = SteeringBundle.load(out)
+    return bundle, out, SteeringBundle.load(out)
+
+
+def test_bundle_format_4_stores_and_checks_the_probe(tmp_path):
+    bundle, out, loaded = saved_with_a_probe(tmp_path)
+    m = bundle.manifest
     assert loaded.manifest.format_version == BUNDLE_FORMAT_VERSION == 4
     assert GATE_PROBE_FILE in loaded.manifest.files
     assert torch.equal(loaded.gate_probe.weight, bundle.gate_probe.weight)
@@ -92,14 +98,8 @@ def test_shipped_toy_bundle_has_a_probe_for_every_concept():
 
 
 def test_saving_a_loaded_bundle_back_keeps_its_unchanged_optional_files(tmp_path):
-    from tests.steering.test_bundle import _make
-
-    bundle, _ = _make(tmp_path)
+    bundle, out, loaded = saved_with_a_probe(tmp_path)
     m = bundle.manifest
-    bundle.gate_probe = probe_for(bundle.concept_names, m.steps, m.n_latents)
-    out = tmp_path / "b4"
-    bundle.save(out)
-    loaded = SteeringBundle.load(out)
     (out / GATE_PROBE_FILE).touch()
     before = (out / GATE_PROBE_FILE).stat().st_mtime_ns
     loaded.manifest.command = "steer eval --write-defaults"  # only the manifest changes
