@@ -18,6 +18,7 @@ from tests.service.api_support import api_client, body, poll
 from tests.service.conftest import PrivateRedis, fast_settings, free_port
 from tests.service.worker_support import (
     LONG,
+    ROOT,
     record,
     run_queued,
     start_worker,
@@ -150,3 +151,21 @@ def test_a_worker_refuses_to_start_on_a_corrupt_bundle_and_names_the_file(settin
     assert worker.proc.wait(120) != 0
     log = worker.log()
     assert damage in log, log[-2000:]
+
+
+def test_the_embedded_server_and_compose_persist_with_aof(tmp_path, wait_for):
+    import yaml
+
+    from service.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "valkey") as url:
+        conn = redis.Redis.from_url(url)
+        assert conn.config_get("appendonly") == {"appendonly": "yes"}
+        job_id = submit(conn, fast_settings(tmp_path / "data", url))
+    with EmbeddedRedis(tmp_path / "valkey") as url:  # `steer serve` again, same data folder
+        conn = redis.Redis.from_url(url)
+        assert record(conn, fast_settings(tmp_path / "data", url), job_id).status == "queued"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert compose["services"]["redis"]["command"][
+        compose["services"]["redis"]["command"].index("--appendonly") + 1] == "yes"
