@@ -138,8 +138,13 @@ def test_toyworld_translations_cli_builds_and_resumes(tmp_path):
     assert TRANSLATION_FILE in loaded.manifest.files
     report = (bundle / "TRANSLATIONS.md").read_text()
     assert "| striped | " in report and "**" in report
+    assert "| 2 / 1 / 2 |" in report  # how striped was fitted this time
+    assert "| red | **green** |" in report  # earlier builds' concepts are kept
+    merged = json.loads((bundle / "TRANSLATIONS.json").read_text())
+    assert merged["striped"]["fit"] == {"pairs": 2, "rounds": 1, "judged_pairs": 2}
+    assert len(merged) == 11
     done = sorted(work.glob("*.json"))
-    assert [p.stem for p in done] == ["striped-dotted", "striped-plain"]
+    assert [p.stem for p in done] == ["striped-dotted-n2-r1", "striped-plain-n2-r1"]
     figures = json.loads(done[0].read_text())
     assert set(figures) == {"1", "1.5", "score"}
     stamps = [p.stat().st_mtime_ns for p in work.iterdir()]

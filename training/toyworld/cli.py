@@ -69,6 +69,8 @@ def translations(
     concepts: str = typer.Option("", help="Comma list of concepts (default: all)."),
     n_fit: int = typer.Option(64, min=1, max=1000, help="Prompt pairs per swap fit."),
     n_check: int = typer.Option(32, min=1, max=1000, help="Pairs judged per anchor."),
+    rounds: int = typer.Option(1, min=0, max=10, help="On-policy rounds after each paired "
+                               "fit."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
 ) -> None:
     """Learn each concept's swap to every other concept of its kind, keep the best anchor, and
@@ -85,11 +87,11 @@ def translations(
     judge = AttributeClassifier.from_pretrained(classifier)
     names = [c.strip() for c in concepts.split(",") if c.strip()] or None
     tables, report = build_translations(steered, judge, work_dir, names, n_fit, n_check,
-                                        log=typer.echo)
+                                        log=typer.echo, rounds=rounds)
     assert steered.bundle is not None
     adopt_translations(steered.bundle, tables)
     steered.bundle.save(bundle_dir)
-    write_report(bundle_dir, report, n_fit, n_check)
+    write_report(bundle_dir, report)
     typer.echo(f"wrote {len(tables.concepts)} learned swaps into {bundle_dir} (recipe "
                f"translate, gated); see {bundle_dir / 'TRANSLATIONS.md'}")
 

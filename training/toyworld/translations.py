@@ -92,10 +92,11 @@ def check_swap(steered: SteeredPipeline, judge: AttributeClassifier, concept: st
 def build_translations(steered: SteeredPipeline, judge: AttributeClassifier, work_dir: Path,
                        concepts: Sequence[str] | None = None, n_fit: int = 64,
                        n_check: int = 32, steps: int = 20, guidance: float = 4.0,
-                       log: Callable[[str], None] = print
+                       log: Callable[[str], None] = print, rounds: int = 1
                        ) -> tuple[TranslationTables, dict[str, Any]]:
-    """Fit every (concept, anchor) swap (resuming from ``work_dir``), keep the best anchor per
-    concept; returns the tables and the report of every candidate."""
+    """Fit every (concept, anchor) swap on ``n_fit`` pairs with ``rounds`` on-policy rounds
+    (resuming from ``work_dir``), keep the best anchor per concept; returns the tables and the
+    report of every candidate (with how it was fitted)."""
     assert steered.bundle is not None
     manifest = steered.bundle.manifest
     names = list(concepts or [c.name for c in manifest.concepts])
@@ -106,7 +107,8 @@ def build_translations(steered: SteeredPipeline, judge: AttributeClassifier, wor
         candidates: dict[str, Any] = {}
         best: tuple[float, ConceptTranslation] | None = None
         for anchor in [a for a in KINDS[kind_of(concept)] if a != concept]:
-            stem = work_dir / f"{concept}-{anchor}"
+            stem = work_dir / (f"{concept}-{anchor}" if (n_fit, rounds) == (64, 1)
+                               else f"{concept}-{anchor}-n{n_fit}-r{rounds}")
             if stem.with_suffix(".json").is_file():
                 figures = json.loads(stem.with_suffix(".json").read_text())
                 translation = TranslationTables.load(
@@ -114,7 +116,8 @@ def build_translations(steered: SteeredPipeline, judge: AttributeClassifier, wor
             else:
                 pairs = [p for p, _ in swap_pairs(concept, anchor, n_fit, FIT_SEED_BASE)]
                 with torch.no_grad():
-                    translation = fit_translation(steered, anchor, pairs, steps, guidance)
+                    translation = fit_translation(steered, anchor, pairs, steps, guidance,
+                                                  rounds=rounds)
                     figures = check_swap(steered, judge, concept, translation,
                                          swap_pairs(concept, anchor, n_check, ANCHOR_SEED_BASE),
                                          steps, guidance)
@@ -129,7 +132,8 @@ def build_translations(steered: SteeredPipeline, judge: AttributeClassifier, wor
                 best = (figures["score"], translation)
         assert best is not None
         chosen[concept] = best[1]
-        report[concept] = {"anchor": best[1].anchor, "candidates": candidates}
+        report[concept] = {"anchor": best[1].anchor, "candidates": candidates,
+                           "fit": {"pairs": n_fit, "rounds": rounds, "judged_pairs": n_check}}
     tables = TranslationTables(manifest.n_latents, manifest.d_in, manifest.steps, chosen)
     return tables, report
 
@@ -149,23 +153,36 @@ def adopt_translations(bundle: SteeringBundle, tables: TranslationTables) -> Non
         for c in bundle.manifest.concepts]
 
 
-def write_report(bundle_dir: Path, report: dict[str, Any], n_fit: int, n_check: int) -> Path:
-    """TRANSLATIONS.md beside the bundle: every candidate anchor's check and the choice."""
+REPORT_JSON = "TRANSLATIONS.json"
+
+
+def write_report(bundle_dir: Path, report: dict[str, Any]) -> Path:
+    """TRANSLATIONS.md beside the bundle: every candidate anchor's check and the choice, for
+    the concepts of ``report`` and those of earlier builds (kept in TRANSLATIONS.json)."""
+    merged_path = bundle_dir / REPORT_JSON
+    merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+    merged.update(report)
+    merged_path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
     lines = ["# Learned swaps of the toy bundle (translate recipe)", "",
-             "Built by `steer toyworld translations` "
-             f"({n_fit} prompt pairs per fit, seeds {FIT_SEED_BASE:,}+, one on-policy round; "
-             f"each anchor judged on {n_check} pairs, seeds {ANCHOR_SEED_BASE:,}+, every image "
-             "edited, no gate). *removed*: share of images without the concept; *kept*: share "
-             "keeping the other kinds as prompted. The anchor with the best mean of the two "
-             f"over γ {', '.join(f'{g:g}' for g in CHECK_GAMMAS)} is kept (**bold**).", "",
+             "Built by `steer toyworld translations` (seeds "
+             f"{FIT_SEED_BASE:,}+ for the fits; each anchor judged on its own pairs, seeds "
+             f"{ANCHOR_SEED_BASE:,}+, every image edited, no gate). *removed*: share of images "
+             "without the concept; *kept*: share keeping the other kinds as prompted. The "
+             "anchor with the best mean of the two over γ "
+             f"{', '.join(f'{g:g}' for g in CHECK_GAMMAS)} is kept (**bold**). *fit*: prompt "
+             "pairs / on-policy rounds / judged pairs.", "",
              "| concept | anchor | " + " | ".join(f"γ {g:g} removed / kept" for g in CHECK_GAMMAS)
-             + " |", "|---|---|" + "---|" * len(CHECK_GAMMAS)]
-    for concept, entry in report.items():
+             + " | fit |", "|---|---|" + "---|" * (len(CHECK_GAMMAS) + 1)]
+    members = [c for ms in KINDS.values() for c in ms]
+    for concept in sorted(merged, key=members.index):
+        entry = merged[concept]
+        fit = entry.get("fit", {"pairs": 64, "rounds": 1, "judged_pairs": 32})
         for anchor, figures in entry["candidates"].items():
             name = f"**{anchor}**" if anchor == entry["anchor"] else anchor
             cells = [f"{figures[f'{g:g}']['removed']:.2f} / {figures[f'{g:g}']['kept']:.2f}"
                      for g in CHECK_GAMMAS]
-            lines.append(f"| {concept} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {concept} | {name} | " + " | ".join(cells)
+                         + f" | {fit['pairs']} / {fit['rounds']} / {fit['judged_pairs']} |")
     path = bundle_dir / "TRANSLATIONS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
