@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steering.gate_probe import GateProbe
+from steering.gate_probe import GateProbe, mean_codes
 from steering.importance_tables import ImportanceTables
 
 
@@ -51,11 +51,8 @@ class ConceptGate:
 
     def update(self, values: Tensor, indices: Tensor, row: int) -> None:
         """Add one step's evidence from cond-half codes [B, tokens, k]."""
-        b, tokens, _ = values.shape
         self.steps += 1
-        mean_code = torch.zeros(b, self.tables.num_latents, device=values.device)
-        mean_code.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
-        mean_code = mean_code / tokens
+        mean_code = mean_codes(values, indices, self.tables.num_latents)
         for kind, members in self.groups.items():
             evidence = self._evidence(mean_code, members, row)
             prev = self.running.get(kind)

@@ -28,6 +28,15 @@ from torch import Tensor
 GATE_PROBE_FILE = "gate_probe.safetensors"
 
 
+def mean_codes(values: Tensor, indices: Tensor, num_latents: int) -> Tensor:
+    """Each image's mean SAE code over its tokens, [B, n], from top-k codes [B, tokens, k]:
+    the evidence the gate reads and the probe is fitted on (one function, so both agree)."""
+    b, tokens, _ = values.shape
+    out = torch.zeros(b, num_latents, device=values.device)
+    out.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
+    return out / tokens
+
+
 @dataclass
 class GateProbe:
     """Per concept and table row, a linear score of an image's mean SAE code."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from steering.gate_probe import GateProbe
+from steering.gate_probe import GateProbe, mean_codes
 from steering.hooks import cond_half, to_tokens
 from steering.pipeline import SteeredPipeline
 from training.translation_fit import generate_with
@@ -35,9 +35,9 @@ def record_mean_codes(steered: SteeredPipeline, prompts: Sequence[str], seeds: S
             x = cond_half(x, guidance > 1.0)
             b, _, h, w = x.shape
             values, indices = sae.encode(to_tokens(x).to(sae.dtype))
-            mean = torch.zeros(b, sae.num_latents, device=x.device)
-            mean.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
-            rows[r] = (mean / (h * w)).half().cpu()
+            codes = mean_codes(values.view(b, h * w, -1), indices.view(b, h * w, -1),
+                               sae.num_latents)
+            rows[r] = codes.half().cpu()
 
         end = min(start + batch_size, len(prompts))
         generate_with(steered, prompts[start:end], seeds[start:end], steps, guidance, record)
