@@ -18,17 +18,24 @@ from steering.recipe import PLAIN, SteeringRecipe
 from steering.translation import TranslationTables
 
 
-def feature_columns(indices: Tensor, features: Tensor) -> Tensor:
-    """For each active code entry [..., k], its column in ``features`` [m] (distinct ids), or
-    m where the feature is not one of them: a lookup, O(entries + m), where comparing every
-    entry with every feature costs O(entries · m) (seconds per step for a 2k-feature swap)."""
+def column_table(features: Tensor) -> Tensor:
+    """Lookup [max id + 2]: feature id -> its column in ``features`` [m] (distinct ids), m for
+    any other id; the last entry stands for every id above the largest (see
+    :func:`feature_columns`)."""
     m = len(features)
-    if m == 0 or indices.numel() == 0:
-        return torch.full_like(indices, m)
-    size = int(max(int(indices.max()), int(features.max()))) + 1
-    column = torch.full((size,), m, dtype=torch.long, device=indices.device)
-    column[features] = torch.arange(m, device=indices.device)
-    return column[indices]
+    size = int(features.max()) + 2 if m else 1
+    table = torch.full((size,), m, dtype=torch.long, device=features.device)
+    table[features] = torch.arange(m, device=features.device)
+    return table
+
+
+def feature_columns(indices: Tensor, features: Tensor, table: Tensor | None = None) -> Tensor:
+    """For each active code entry [..., k], its column in ``features``, or m where the feature
+    is not one of them: a lookup, O(entries + m), where comparing every entry with every
+    feature costs O(entries · m) (seconds per step for a 2k-feature swap). ``table``: the
+    features' :func:`column_table`, when the caller keeps it."""
+    table = column_table(features) if table is None else table
+    return table[indices.clamp(max=len(table) - 1)]
 
 
 def gather_latents(values: Tensor, indices: Tensor, features: Tensor) -> Tensor:
@@ -85,15 +92,20 @@ class RowTranslate:
     deltas: Tensor  # [m, d_in]: γ·D_j
     bias: Tensor  # [d_in]: γ·b
 
+    def __post_init__(self) -> None:
+        # built once per plan row, not per step: the lookup and the rows with a zero row
+        # appended for every feature outside the swap
+        self._table = column_table(self.features)
+        self._rows = torch.cat([self.deltas, self.deltas.new_zeros(1, self.deltas.shape[1])])
+
     def delta(self, values: Tensor, indices: Tensor) -> Tensor:
         """The learned edit for each token: [T, k] codes -> [T, d_in], summed straight from
-        the k active entries (a feature outside the swap reads a zero row)."""
+        the k active entries (a feature outside the swap reads the zero row)."""
         k = values.shape[-1]
-        rows = torch.cat([self.deltas, self.deltas.new_zeros(1, self.deltas.shape[1])])
-        columns = feature_columns(indices, self.features).reshape(-1, k)
-        out = torch.nn.functional.embedding_bag(columns, rows, mode="sum",
+        columns = feature_columns(indices, self.features, self._table).reshape(-1, k)
+        out = torch.nn.functional.embedding_bag(columns, self._rows, mode="sum",
                                                 per_sample_weights=values.reshape(-1, k)
-                                                .to(rows.dtype))
+                                                .to(self._rows.dtype))
         return out.view(*values.shape[:-1], -1) + self.bias
 
 
