@@ -72,25 +72,32 @@ def _check_address(host: str, address: Address, allowed: Sequence[str]) -> None:
                              "webhooks go to public hosts unless STEER_WEBHOOK_ALLOWED lists it")
 
 
-def check_url(url: str, allowed: Sequence[str]) -> None:
-    """Refuse, without DNS, a URL whose host is a non-public literal address or a
-    ``localhost`` name (submission time)."""
+def _check_without_dns(url: str, allowed: Sequence[str]) -> str | None:
+    """Refuse what can be refused without DNS; the host name still to resolve, or None when
+    the URL is decided (allow-listed, or a public literal address)."""
     host = _host(url)
     if host in (a.lower() for a in allowed):
-        return
+        return None
     if host == "localhost" or host.endswith(".localhost"):
         raise WebhookRefused(f"{host} is this machine; webhooks go to public hosts unless "
                              "STEER_WEBHOOK_ALLOWED lists it")
     address = _literal(host)
-    if address is not None:
-        _check_address(host, address, allowed)
+    if address is None:
+        return host
+    _check_address(host, address, allowed)
+    return None
+
+
+def check_url(url: str, allowed: Sequence[str]) -> None:
+    """Refuse, without DNS, a URL whose host is a non-public literal address or a
+    ``localhost`` name (submission time)."""
+    _check_without_dns(url, allowed)
 
 
 def check_delivery(url: str, allowed: Sequence[str], resolve: Resolver = resolve_host) -> None:
     """Refuse a URL whose host is, or resolves to, any non-public address (delivery time)."""
-    check_url(url, allowed)
-    host = _host(url)
-    if host in (a.lower() for a in allowed) or _literal(host) is not None:
+    host = _check_without_dns(url, allowed)
+    if host is None:
         return
     try:
         addresses = resolve(host)
