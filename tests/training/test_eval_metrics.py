@@ -52,10 +52,23 @@ def test_several_suppressed_concepts_and_kinds() -> None:
               judged({"colour": "blue", "shape": "square", "background": "plain"},
                      {"colour": "blue", "shape": "square", "background": "dotted"})]
     m = steering_metrics(images, {"red", "circle"}, KIND_OF)
-    # image 1: red gone and circle gone (2 UA hits); image 2: blue and square kept (2 IRA)
-    assert m["UA"] == Rate(2, 2) and m["IRA"] == Rate(2, 2)
+    # image 1: red gone and circle gone (one image removed); image 2: blue and square kept
+    assert m["UA"] == Rate(1, 1) and m["IRA"] == Rate(2, 2)
     assert m["CRA"] == Rate(1, 2)  # only the background is another kind: lost in image 2
     with pytest.raises(ValueError, match="unknown concept"):
         steering_metrics(images, {"purple"}, KIND_OF)
     with pytest.raises(ValueError, match="at least one"):
         steering_metrics(images, set(), KIND_OF)
+
+
+def test_a_concept_swapped_for_another_suppressed_one_is_not_removed() -> None:
+    """Several concepts at once: an image is removed only when the judge finds none of the
+    suppressed concepts — red turned green with green suppressed too still shows one."""
+    images = [judged({"colour": "red", "shape": "circle"}, {"colour": "green", "shape": "circle"}),
+              judged({"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"}),
+              judged({"colour": "green", "shape": "square"}, {"colour": "red", "shape": "square"})]
+    m = steering_metrics(images, {"red", "green"}, KIND_OF)
+    assert m["UA"] == Rate(1, 3)
+    # across kinds: red gone but the suppressed circle is still there
+    images = [judged({"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"})]
+    assert steering_metrics(images, {"red", "circle"}, KIND_OF)["UA"] == Rate(0, 1)

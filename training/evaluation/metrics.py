@@ -5,7 +5,8 @@ While suppressing a set of concepts, each image is judged by the attribute class
 concept, only the kinds the prompt names):
 
 - UA (unlearning accuracy): over images whose prompt asks for a suppressed concept, the
-  share in which the classifier does not find it;
+  share in which the classifier finds **none** of the suppressed concepts (one trial per
+  image: with red and green suppressed, a red prompt turned green is not removed);
 - IRA (in-domain retain accuracy): over images whose prompt asks, in a suppressed concept's
   kind, for a concept that is not suppressed, the share in which that concept is found;
 - CRA (cross-domain retain accuracy): over all images, the share in which every asked
@@ -75,14 +76,13 @@ def steering_metrics(judged: Sequence[Judged], suppressed: Collection[str],
     kinds = {kind_of[c] for c in suppressed}
     ua = ira = cra = (0, 0)
     for image in judged:
+        if any(image.asked.get(kind) in suppressed for kind in kinds):
+            removed = not any(c in suppressed for c in image.predicted.values())
+            ua = (ua[0] + removed, ua[1] + 1)
         for kind in kinds:
             wanted = image.asked.get(kind)
-            if wanted is None:
-                continue
-            found = image.predicted.get(kind)
-            if wanted in suppressed:
-                ua = (ua[0] + (found != wanted), ua[1] + 1)
-            else:
+            if wanted is not None and wanted not in suppressed:
+                found = image.predicted.get(kind)
                 ira = (ira[0] + (found == wanted), ira[1] + 1)
         others = {k: v for k, v in image.asked.items() if k not in kinds}
         if others:
