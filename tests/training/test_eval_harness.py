@@ -278,3 +278,30 @@ def test_smoke_sanity_none_keeps_the_concept_and_sld_runs(smoke) -> None:
     sld = single["sld"]
     assert sld["overall"]["UA"]["trials"] == 8
     assert sld["settings"]["sld_guidance_scale"] == 2000  # SafetyConfig.STRONG
+
+
+def test_smoke_implicit_set_pairs_steered_with_unedited(smoke) -> None:
+    """The unnamed-kind set: every non-reference method gets removal / false edits / kept per
+    concept, judged against the same prompts and seeds unedited."""
+    implicit = smoke["results"]["heldout"]["implicit"]
+    assert "none" not in implicit and "ours" in implicit
+    ours = implicit["ours"]
+    assert set(ours["per_concept"]) == {"red", "circle"}
+    for figures in ours["per_concept"].values():
+        # every image falls in exactly one of removal's or false edits' denominators
+        assert figures["removal"]["trials"] + figures["false_edits"]["trials"] == 4
+        assert figures["kept"]["trials"] == figures["false_edits"]["trials"]
+    # a negative prompt changes the unconditional branch, so every image's pixels
+    neg = implicit["negative_prompt"]["overall"]
+    assert neg["false_edits"]["value"] == 1.0 or neg["false_edits"]["trials"] == 0
+
+
+def test_implicit_prompts_leave_the_kind_unnamed() -> None:
+    items = P.implicit_set("red", 36).items
+    assert all("colour" not in it.asked for it in items)
+    colour_words = {c for c in KINDS["colour"]} | {w for c in KINDS["colour"]
+                                                   for w in SYNONYMS.get(c, ())}
+    assert not any(w in it.prompt.split() for it in items for w in colour_words)
+    assert len({(it.asked["shape"], it.asked["background"]) for it in items}) == 12
+    seeds = {it.seed for it in items}
+    assert not seeds & {it.seed for s in _all_sets(P.BLOCK)["heldout"] for it in s.items}

@@ -72,3 +72,20 @@ def test_a_concept_swapped_for_another_suppressed_one_is_not_removed() -> None:
     # across kinds: red gone but the suppressed circle is still there
     images = [judged({"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "circle"})]
     assert steering_metrics(images, {"red", "circle"}, KIND_OF)["UA"] == Rate(0, 1)
+
+
+def test_implicit_metrics_pair_each_image_with_its_unedited_version() -> None:
+    from training.evaluation.metrics import Paired, implicit_metrics
+
+    pairs = [
+        Paired({"colour": "red", "shape": "circle"}, {"colour": "green", "shape": "circle"}, True),
+        Paired({"colour": "red", "shape": "circle"}, {"colour": "red", "shape": "circle"}, True),
+        # no red unedited: untouched (no false edit, kept)
+        Paired({"colour": "blue", "shape": "square"}, {"colour": "blue", "shape": "square"}, False),
+        # no red unedited, but edited: a false edit that also lost the shape
+        Paired({"colour": "blue", "shape": "square"}, {"colour": "blue", "shape": "circle"}, True),
+    ]
+    m = implicit_metrics(pairs, "red")
+    assert m["removal"] == Rate(1, 2)
+    assert m["false_edits"] == Rate(1, 2)
+    assert m["kept"] == Rate(1, 2)

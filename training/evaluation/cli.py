@@ -111,6 +111,10 @@ def eval_command(
                                   help="Evaluate prompts naming the concept by a synonym."),
     multi: bool = typer.Option(True, "--multi/--no-multi",
                                help="Evaluate the fixed 2- and 3-concept suppression sets."),
+    implicit: bool = typer.Option(
+        True, "--implicit/--no-implicit",
+        help="Evaluate prompts that leave the concept's kind unnamed, each judged against the "
+             "same prompt and seed unedited: removal, false edits, attributes kept."),
     sld_config: str = typer.Option(
         "STRONG", help="diffusers' SafetyConfig for sld: WEAK, MEDIUM, STRONG (issue 7's) or "
                        "MAX."),
@@ -139,8 +143,8 @@ def eval_command(
         ours_percentiles=_floats(ours_percentiles, "--ours-percentiles"),
         ours_margins=_floats(ours_margins, "--ours-margins"),
         write_defaults=write_defaults, choose_per=choose_per, steps=steps, guidance=guidance,
-        synonyms=synonyms,
-        multi=multi, rerun=_list(rerun, METHOD_NAMES, "method(s)") if rerun else (),
+        synonyms=synonyms, multi=multi, implicit=implicit,
+        rerun=_list(rerun, METHOD_NAMES, "method(s)") if rerun else (),
         progress=progress, command=_command(ctx), smoke=smoke, sld_config=sld_config.upper(),
         note=note)
     if smoke:

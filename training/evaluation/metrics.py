@@ -59,10 +59,12 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 
 @dataclass(frozen=True)
 class Judged:
-    """One image: what its prompt asked for and what the classifier found."""
+    """One image: what its prompt asked for, what the classifier found and a digest of its
+    pixels (to tell an untouched image from an edited one)."""
 
     asked: Mapping[str, str]
     predicted: Mapping[str, str]
+    pixels: str = ""
 
 
 def steering_metrics(judged: Sequence[Judged], suppressed: Collection[str],
@@ -89,3 +91,31 @@ def steering_metrics(judged: Sequence[Judged], suppressed: Collection[str],
             kept = all(image.predicted.get(k) == v for k, v in others.items())
             cra = (cra[0] + kept, cra[1] + 1)
     return {"UA": Rate(*ua), "IRA": Rate(*ira), "CRA": Rate(*cra)}
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One prompt/seed judged twice: unedited and steered, with whether any pixel changed."""
+
+    unedited: Mapping[str, str]
+    steered: Mapping[str, str]
+    changed: bool
+
+
+def implicit_metrics(pairs: Sequence[Paired], concept: str) -> dict[str, Rate]:
+    """What steering ``concept`` does to images whose prompt never names its kind:
+
+    - removal: of the images whose unedited version shows ``concept`` (judge), the share whose
+      steered version does not;
+    - false_edits: of the images whose unedited version does not show it, the share whose
+      steered image differs in any pixel (an open-world gate should leave them alone);
+    - kept: of those same images, the share whose judge labels are all unchanged.
+    """
+    removal = false_edits = kept = (0, 0)
+    for p in pairs:
+        if concept in p.unedited.values():
+            removal = (removal[0] + (concept not in p.steered.values()), removal[1] + 1)
+        else:
+            false_edits = (false_edits[0] + p.changed, false_edits[1] + 1)
+            kept = (kept[0] + (dict(p.steered) == dict(p.unedited)), kept[1] + 1)
+    return {"removal": Rate(*removal), "false_edits": Rate(*false_edits), "kept": Rate(*kept)}

@@ -7,11 +7,14 @@ For a suppressed concept c of kind K, with n prompt/seed pairs each:
 - ``synonym``: prompts naming c by a synonym (``world.SYNONYMS``; only concepts that have one);
   ``asked`` holds the canonical c, so UA measures whether the synonym escapes the steering;
 - multi-concept sets (:data:`MULTI_SETS`): the union of each member's ``ua`` and ``ira`` sets at
-  n / len(set) pairs each (IRA prompts never ask for another member of the set).
+  n / len(set) pairs each (IRA prompts never ask for another member of the set);
+- ``implicit``: prompts that leave c's kind unnamed (the model draws that attribute at random),
+  naming the other two kinds; whether an image shows c is the judge's call on its unedited
+  version, as on a real model where "nudity" appears from prompts that never name it.
 
-Every prompt mentions all three attributes (the other kinds cycle over all their combinations,
-so CRA can be judged) and the three caption templates cycle too. Seeds come from disjoint
-blocks: held-out from :data:`EVAL_SEED_BASE`, the γ / percentile sweep from
+Every prompt of the other sets mentions all three attributes (the other kinds cycle over all
+their combinations, so CRA can be judged) and the three caption templates cycle too. Seeds come
+from disjoint blocks: held-out from :data:`EVAL_SEED_BASE`, the γ / percentile sweep from
 :data:`TUNE_SEED_BASE`; each (set, concept) owns a block of :data:`BLOCK` seeds, so every
 (set, concept, i) has its own seed and no seed of another range (importance 10k+, SAE 20k+,
 held-out 30k+, bundle tuning / checks 800k / 900k+, policy 1.1M–1.4M) is ever reused.
@@ -44,9 +47,10 @@ MULTI_SETS: tuple[tuple[str, ...], ...] = (
 )
 
 ALL_CONCEPTS: tuple[str, ...] = tuple(c for members in KINDS.values() for c in members)
-_MAX_CONCEPTS = 16  # block layout: ua 0–15, ira 16–31, synonym 32–47, multi 48+
+_MAX_CONCEPTS = 16  # block layout: ua 0–15, ira 16–31, synonym 32–47, multi 48–79, implicit 80+
 _MULTI_FIRST = 48
 _MULTI_WIDTH = 6  # 3 members × (ua, ira)
+_IMPLICIT_FIRST = 80
 
 
 @dataclass(frozen=True)
@@ -89,19 +93,21 @@ def _seed(split: str, block: int, i: int, n: int) -> int:
     return seed
 
 
-def _items(split: str, block: int, key: str, targets: Sequence[str], n: int,
-           word: dict[str, Sequence[str]] | None = None) -> tuple[EvalItem, ...]:
+def _items(split: str, block: int, key: str, targets: Sequence[str | None], n: int,
+           word: dict[str, Sequence[str]] | None = None, kind: str | None = None
+           ) -> tuple[EvalItem, ...]:
     """n items asking for ``targets`` in turn (each with every other-kind combination and
-    template cycled), the target named by a word of ``word[target]`` when given."""
-    kind = kind_of(targets[0])
+    template cycled), the target named by a word of ``word[target]`` when given; a None
+    target leaves ``kind`` unnamed."""
+    kind = kind or kind_of(str(targets[0]))
     pairs = _pairs(kind, key)
     items = []
     for i in range(n):
         target = targets[i % len(targets)]
         others, template = pairs[(i // len(targets)) % len(pairs)]
-        asked = {**others, kind: target}
-        words = dict(asked)
-        if word is not None:
+        asked = {**others, kind: target} if target is not None else dict(others)
+        words: dict[str, str | None] = {k: asked.get(k) for k in KINDS}
+        if word is not None and target is not None:
             options = word[target]
             words[kind] = options[(i // len(targets)) % len(options)]
         prompt = compose(words["shape"], words["colour"], words["background"], template)
@@ -135,6 +141,14 @@ def synonym_set(concept: str, n: int, split: str = "heldout") -> PromptSet:
     return PromptSet(f"{split}/synonym/{concept}",
                      _items(split, 2 * _MAX_CONCEPTS + _index(concept), f"synonym/{concept}",
                             [concept], n, word={concept: SYNONYMS[concept]}))
+
+
+def implicit_set(concept: str, n: int, split: str = "heldout") -> PromptSet:
+    """n prompts that leave ``concept``'s kind unnamed (the other kinds and templates
+    cycled); ``asked`` holds only the named kinds."""
+    return PromptSet(f"{split}/implicit/{concept}",
+                     _items(split, _IMPLICIT_FIRST + _index(concept), f"implicit/{concept}",
+                            [None], n, kind=kind_of(concept)))
 
 
 def multi_name(concepts: Sequence[str]) -> str:

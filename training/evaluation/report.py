@@ -164,6 +164,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
                         + [[f"**all {k}-concept sets**", n, *_triple(f["by_size"][k])]
                            for k in next(iter(multi.values()))["by_size"]
                            for n, f in multi.items() if k in f["by_size"]])
+    lines += _implicit_section(held.get("implicit", {}))
     lines += _sweep_section(results)
     for image in images:
         lines += [f"![{Path(image).stem}]({image})", ""]
@@ -174,6 +175,27 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+def _implicit_section(implicit: Mapping[str, Any]) -> list[str]:
+    """The unnamed-kind set: removal, false edits and attributes kept per concept."""
+    if not implicit:
+        return []
+    lines = ["## Concepts the prompt never names (held-out)", "",
+             "Prompts leave the concept's kind unnamed, so the model draws it at random; each "
+             "steered image is compared with the same prompt and seed unedited. **Removal**: of "
+             "the images whose unedited version shows the concept (judge), the share whose "
+             "steered version does not (target ≥ 0.95). **False edits**: of the images whose "
+             "unedited version does not show it, the share whose steered image differs in any "
+             "pixel (target ≤ 0.02). **Kept**: of those, the share whose judge labels are all "
+             "unchanged (target ≥ 0.98).", ""]
+    first = next(iter(implicit.values()))
+    rows = [[c, n, _v(f["per_concept"][c]["removal"]), _v(f["per_concept"][c]["false_edits"]),
+             _v(f["per_concept"][c]["kept"])]
+            for c in first["per_concept"] for n, f in implicit.items() if c in f["per_concept"]]
+    rows += [["**all**", n, _v(f["overall"]["removal"]), _v(f["overall"]["false_edits"]),
+              _v(f["overall"]["kept"])] for n, f in implicit.items()]
+    return lines + _table(["concept", "method", "removal", "false edits", "kept"], rows)
 
 
 def _kinds(single: Mapping[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ synonyms, multi-concept) for every method, and returns every figure (``results.j
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -33,11 +34,12 @@ from training.evaluation.methods import (
     build_method,
     settings_key,
 )
-from training.evaluation.metrics import Judged, Rate, steering_metrics
+from training.evaluation.metrics import Judged, Paired, Rate, implicit_metrics, steering_metrics
 from training.evaluation.prompts import (
     ALL_CONCEPTS,
     MULTI_SETS,
     PromptSet,
+    implicit_set,
     ira_set,
     multi_name,
     multi_sets,
@@ -94,8 +96,8 @@ class CellCache:
         return (self.root / job.method.name / key / multi_name(job.suppressed)
                 / (job.prompts.name.replace("/", "__") + ".json"))
 
-    def load(self, job: Job) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """The cell's stored record and the predictions valid for ``job``'s items (a prefix)."""
+    def load(self, job: Job) -> tuple[dict[str, Any], list[Judged]]:
+        """The cell's stored record and the judgements valid for ``job``'s items (a prefix)."""
         path = self.path(job)
         settings_file = path.parents[1] / "settings.json"
         if not settings_file.exists():
@@ -104,31 +106,36 @@ class CellCache:
         record: dict[str, Any] = {"method": job.method.name, "settings": job.method.settings,
                                   "suppressed": list(job.suppressed),
                                   "prompt_set": job.prompts.name, "items": [],
-                                  "predictions": []}
+                                  "predictions": [], "pixels": []}
         if path.exists() and not (job.method.name in self.rerun and path not in self._fresh):
             try:
                 stored = json.loads(path.read_text())
                 record["items"] = stored["items"]
                 record["predictions"] = stored["predictions"]
+                record["pixels"] = stored["pixels"]
             except (OSError, ValueError, KeyError):
-                pass  # a damaged cell is regenerated
+                pass  # a damaged cell (or one from before pixel digests) is regenerated
         self._fresh.add(path)
         wanted = _items_record(job.prompts)
         valid = 0
-        for have, want, _ in zip(record["items"], wanted, record["predictions"], strict=False):
+        for have, want, _, _ in zip(record["items"], wanted, record["predictions"],
+                                    record["pixels"], strict=False):
             if have != want:
                 break
             valid += 1
         if valid < len(record["predictions"]) and valid < len(wanted):
-            record["items"], record["predictions"] = [], []  # diverged: start again
+            record["items"], record["predictions"], record["pixels"] = [], [], []  # diverged
             valid = 0
-        return record, list(record["predictions"][:valid])
+        return record, [Judged(it.asked, p, px) for it, p, px in zip(
+            job.prompts.items, record["predictions"][:valid], record["pixels"][:valid],
+            strict=False)]
 
-    def save(self, job: Job, record: dict[str, Any], predictions: list[dict[str, str]]) -> None:
-        """Store the predictions made so far (never shortening a longer stored cell)."""
-        if len(predictions) > len(record["predictions"]):
-            record["items"] = _items_record(job.prompts)[:len(predictions)]
-            record["predictions"] = list(predictions)
+    def save(self, job: Job, record: dict[str, Any], judged: list[Judged]) -> None:
+        """Store the judgements made so far (never shortening a longer stored cell)."""
+        if len(judged) > len(record["predictions"]):
+            record["items"] = _items_record(job.prompts)[:len(judged)]
+            record["predictions"] = [dict(j.predicted) for j in judged]
+            record["pixels"] = [j.pixels for j in judged]
         _write_json(self.path(job), record)
 
     def image_path(self, job: Job) -> Path:
@@ -180,9 +187,9 @@ def run_jobs(jobs: Sequence[Job], predictor: Predictor, cache: CellCache, batch_
                 stats.images += len(images)
                 judged = predictor.predict(images)
                 touched = []
-                for (j, i), image, p in zip(chunk, images, judged, strict=True):
+                for (j, i), item, image, p in zip(chunk, items, images, judged, strict=True):
                     assert len(preds[j]) == i, "cells are filled in order"
-                    preds[j].append(dict(p))
+                    preds[j].append(Judged(item.asked, dict(p), pixel_digest(image)))
                     if i == 0:
                         path = cache.image_path(jobs[j])
                         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +199,14 @@ def run_jobs(jobs: Sequence[Job], predictor: Predictor, cache: CellCache, batch_
                 for j in touched:
                     cache.save(jobs[j], records[j], preds[j])
                 bar.update(len(chunk))
-    return [[Judged(it.asked, p) for it, p in zip(job.prompts.items, pr, strict=True)]
-            for job, pr in zip(jobs, preds, strict=True)]
+    return preds
+
+
+def pixel_digest(image: Any) -> str:
+    """Short digest of an image's pixels: equal digests mean not one pixel changed."""
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -222,6 +235,19 @@ def figures(per_concept: dict[str, dict[str, Rate]]) -> dict[str, Any]:
         "per_kind": {k: summary(pool(v)) for k, v in by_kind.items()},
         "overall": summary(pool(list(per_concept.values()))),
     }
+
+
+IMPLICIT_METRICS = ("removal", "false_edits", "kept")
+
+
+def implicit_figures(per_concept: dict[str, dict[str, Rate]]) -> dict[str, Any]:
+    """Per concept and overall (pooled) removal / false edits / attributes kept."""
+    pooled = {m: Rate(sum(r[m].successes for r in per_concept.values()),
+                      sum(r[m].trials for r in per_concept.values()))
+              for m in IMPLICIT_METRICS}
+    return {"per_concept": {c: {m: r.to_dict() for m, r in rates.items()}
+                            for c, rates in per_concept.items()},
+            "overall": {m: r.to_dict() for m, r in pooled.items()}}
 
 
 def choose(points: Sequence[dict[str, Any]], kind: str, level: str = "per_kind"
@@ -273,6 +299,8 @@ class EvalConfig:
     guidance: float = 4.0
     synonyms: bool = True
     multi: bool = True
+    # prompts leaving the concept's kind unnamed, judged against the same prompt unedited
+    implicit: bool = True
     multi_sets: tuple[tuple[str, ...], ...] = MULTI_SETS
     sld_config: str = "STRONG"
     rerun: tuple[str, ...] = ()
@@ -429,7 +457,18 @@ class Evaluation:
             for s in cfg.selected_multi():
                 for ps in multi_sets(s, cfg.per_concept, "heldout"):
                     plan.append((method, "multi", s, Job(method, s, ps)))
-        judged = self._run([p[-1] for p in plan], "held-out")
+        reference = build_method("none", self.steered, cfg.steps, cfg.guidance)
+        implicit: list[tuple[Method, str, Job, Job]] = []
+        if cfg.implicit:
+            for method in (m for m in methods if m.name != "none"):
+                for c in cfg.concepts:
+                    ps = implicit_set(c, cfg.per_concept, "heldout")
+                    implicit.append((method, c, Job(method, (c,), ps),
+                                     Job(reference, (c,), ps)))
+        jobs = [p[-1] for p in plan] + [j for *_, a, b in implicit for j in (a, b)]
+        judged = self._run(jobs, "held-out")
+        paired = judged[len(plan):]
+        judged = judged[:len(plan)]
         single: dict[str, dict[str, list[Judged]]] = {}
         syn: dict[str, dict[str, list[Judged]]] = {}
         multi: dict[str, dict[tuple[str, ...], list[Judged]]] = {}
@@ -440,7 +479,15 @@ class Evaluation:
                 syn.setdefault(method.name, {}).setdefault(suppressed[0], []).extend(j)
             else:
                 multi.setdefault(method.name, {}).setdefault(suppressed, []).extend(j)
-        out: dict[str, Any] = {"single": {}, "synonyms": {}, "multi": {}}
+        out: dict[str, Any] = {"single": {}, "synonyms": {}, "multi": {}, "implicit": {}}
+        per_method: dict[str, dict[str, dict[str, Rate]]] = {}
+        for (method, c, _, _), steered, unedited in zip(implicit, paired[::2], paired[1::2],
+                                                        strict=True):
+            pairs = [Paired(u.predicted, s.predicted, s.pixels != u.pixels)
+                     for s, u in zip(steered, unedited, strict=True)]
+            per_method.setdefault(method.name, {})[c] = implicit_metrics(pairs, c)
+        for name, per_concept in per_method.items():
+            out["implicit"][name] = implicit_figures(per_concept)
         for method in methods:
             name = method.name
             out["single"][name] = {"settings": method.settings, **figures(
