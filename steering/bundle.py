@@ -6,6 +6,7 @@
     importance.safetensors   scores / means [C, steps, n] and timesteps [steps]
     translation.safetensors  optional (format 3): learned swaps per concept (translate recipe)
     gate_probe.safetensors   optional (format 4): the detection gate's learned read-out
+    detectors.safetensors    optional (format 5): calibrated per-concept detectors (open world)
 
 ``manifest.json`` is written last, so a folder without one is an unfinished export.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from steering.concepts import ConceptSpec
+from steering.detector import DETECTORS_FILE, ConceptDetectors
 from steering.fingerprint import HOOK_POINT
 from steering.gate_probe import GATE_PROBE_FILE, GateProbe
 from steering.importance_tables import ImportanceTables, UnknownConceptError
@@ -69,13 +71,15 @@ def _load_part(path: Path, manifest: BundleManifest, load: Callable[..., Any],
 @dataclass
 class SteeringBundle:
     """A loaded (or about-to-be-saved) steering bundle: manifest, SAE, importance tables and,
-    optionally, the learned swaps of the translate recipe and the gate's probe."""
+    optionally, the learned swaps of the translate recipe, the gate's probe and the
+    calibrated concept detectors."""
 
     manifest: BundleManifest
     sae: TopKSAE
     tables: ImportanceTables
     translations: TranslationTables | None = None
     gate_probe: GateProbe | None = None
+    detectors: ConceptDetectors | None = None
     _manifest_sha256: str | None = field(default=None, repr=False, compare=False)
     # optional file -> (the object loaded from it, its path, its sha256): saving the same
     # object back to that path keeps the file (safetensors writes metadata in hash-map order,
@@ -142,8 +146,9 @@ class SteeringBundle:
             self.check_translations(self.translations, self.manifest)
         if self.gate_probe is not None:
             self.check_gate_probe(self.gate_probe, self.manifest)
-        for name, part in ((TRANSLATION_FILE, self.translations),
-                           (GATE_PROBE_FILE, self.gate_probe)):
+        if self.detectors is not None:
+            self.check_detectors(self.detectors, self.manifest)
+        for name, part in self._optional_parts():
             if part is None:
                 (directory / name).unlink(missing_ok=True)
                 continue
@@ -238,7 +243,7 @@ class SteeringBundle:
                 f"lists {names} (same names in the same order are required)"
             )
 
-        # 4. learned swaps (format 3) and the gate's probe (format 4), when listed
+        # 4. learned swaps (format 3), the gate's probe (4) and the detectors (5), when listed
         translations = _load_part(directory / TRANSLATION_FILE, manifest, TranslationTables.load,
                                   cls.check_translations, "the learned swaps", device)
         if translations is None and manifest.recipe.name == "translate":
@@ -247,6 +252,8 @@ class SteeringBundle:
                               "set the recipe to 'replace'")
         gate_probe = _load_part(directory / GATE_PROBE_FILE, manifest, GateProbe.load,
                                 cls.check_gate_probe, "the gate's probe", device)
+        detectors = _load_part(directory / DETECTORS_FILE, manifest, ConceptDetectors.load,
+                               cls.check_detectors, "the concept detectors", device)
 
         # 5. pipeline fingerprint
         bundle = cls(
@@ -255,12 +262,11 @@ class SteeringBundle:
             tables=tables,
             translations=translations,
             gate_probe=gate_probe,
+            detectors=detectors,
             _manifest_sha256=hashlib.sha256(raw).hexdigest(),
-            _loaded_parts={name: (part, (directory / name).resolve(), manifest.files[name])
-                           for name, part in ((TRANSLATION_FILE, translations),
-                                              (GATE_PROBE_FILE, gate_probe))
-                           if part is not None},
         )
+        bundle._loaded_parts = {name: (part, (directory / name).resolve(), manifest.files[name])
+                                for name, part in bundle._optional_parts() if part is not None}
         if expected_fingerprint is not None:
             bundle.check_fingerprint(expected_fingerprint)
         return bundle
@@ -278,6 +284,20 @@ class SteeringBundle:
             translations.validate(c.name for c in m.concepts)
         except ValueError as e:
             raise BundleError(f"{TRANSLATION_FILE}: {e}") from e
+
+    def _optional_parts(self) -> list[tuple[str, Any]]:
+        """(file name, object or None) of every optional part, in one place for save/load."""
+        return [(TRANSLATION_FILE, self.translations), (GATE_PROBE_FILE, self.gate_probe),
+                (DETECTORS_FILE, self.detectors)]
+
+    @staticmethod
+    def check_detectors(detectors: ConceptDetectors, manifest: BundleManifest) -> None:
+        """Refuse detectors made for another concept list, SAE size or step count."""
+        try:
+            detectors.validate([c.name for c in manifest.concepts], manifest.n_latents,
+                               manifest.steps)
+        except ValueError as e:
+            raise BundleError(f"{DETECTORS_FILE}: {e}") from e
 
     @staticmethod
     def check_gate_probe(probe: GateProbe, manifest: BundleManifest) -> None:

@@ -15,6 +15,14 @@ With a ``probe`` (bundle format 4, :mod:`steering.gate_probe`) the evidence per 
 probe's score of the image's mean code instead of the cosine to the means: fitted on labelled
 runs, it finds the concept from the first step, where nearest-centroid guesses. Margins are
 then in the probe's units (1 = the gap between a one-hot target and zero).
+
+With ``detectors`` (bundle format 5, :mod:`steering.detector`) the gate is open-world: each
+gated concept is decided on its own, present from the first step the running mean of its
+detector's score reaches its calibrated threshold τ_c, and latched for the rest of the run
+(the edit makes the trajectory look like the counterfactual, and the gate must not let go of
+an image it is editing). Nothing is ranked within a kind, so a kind may hold one concept and
+an image may hold none of its kind; margins and anchors do not apply. ``update`` and
+``present`` are tensor arithmetic only, with no host synchronisation on CUDA.
 """
 
 from __future__ import annotations
@@ -22,18 +30,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from steering.detector import ConceptDetectors
 from steering.gate_probe import GateProbe, mean_codes
 from steering.importance_tables import ImportanceTables
 
 
 class ConceptGate:
-    """Running nearest-centroid decision per image for the concepts of the gated kinds."""
+    """Running decision per image for the gated concepts: by calibrated detectors when the
+    bundle has them, else nearest concept of the kind (centroids or the probe)."""
 
     def __init__(self, tables: ImportanceTables, kinds: dict[str, list[str]],
                  margins: dict[str, float], anchors: dict[str, str] | None = None,
-                 probe: GateProbe | None = None) -> None:
+                 probe: GateProbe | None = None,
+                 detectors: ConceptDetectors | None = None) -> None:
         self.tables = tables
         self.probe = probe
+        self.detectors = detectors
         self.anchors = {tables.concept_index(c): tables.concept_index(a)
                         for c, a in (anchors or {}).items()}
         self.latched: dict[int, Tensor] = {}
@@ -48,11 +60,47 @@ class ConceptGate:
             for c in members:
                 self.kind_of[c] = kind
         self.running: dict[str, Tensor] = {}
+        if detectors is not None:
+            self._init_detectors(detectors, list(margins))
+
+    def _init_detectors(self, detectors: ConceptDetectors, gated: list[str]) -> None:
+        """Open-world mode: the gated concepts' detectors, sliced once (no per-step indexing)."""
+        self.gated = [self.tables.concept_index(c) for c in gated]
+        self.slot = {c: i for i, c in enumerate(self.gated)}
+        self.weight = detectors.weight[self.gated]  # [G, steps, n]
+        self.bias = detectors.bias[self.gated]  # [G, steps]
+        self.threshold = detectors.threshold[self.gated]  # [G]
+        self.total: Tensor | None = None  # [B, G] sum of scores so far
+        self.best: Tensor | None = None  # [B, G] max over steps of the running mean
+        self.found: Tensor | None = None  # [B, G] bool, latched
+
+    def _update_detectors(self, mean_code: Tensor, row: int) -> None:
+        """Add one step's detector scores; latch the images whose running mean reaches τ."""
+        if self.weight.device != mean_code.device:  # once: device objects, no sync
+            self.weight, self.bias, self.threshold = (
+                t.to(mean_code.device) for t in (self.weight, self.bias, self.threshold))
+        score = mean_code @ self.weight[:, row].float().T + self.bias[:, row]
+        self.total = score if self.total is None else self.total + score
+        mean = self.total / self.steps
+        now = mean >= self.threshold
+        self.found = now if self.found is None else self.found | now
+        self.best = mean if self.best is None else torch.maximum(self.best, mean)
+
+    def detection(self) -> dict[int, Tensor]:
+        """Open-world mode: concept index -> [B] final detection score sigmoid(max running
+        mean − τ), 0.5 at the threshold (for reporting); empty before any step or otherwise."""
+        if self.detectors is None or self.best is None:
+            return {}
+        p = torch.sigmoid(self.best - self.threshold)
+        return {c: p[:, i] for c, i in self.slot.items()}
 
     def update(self, values: Tensor, indices: Tensor, row: int) -> None:
         """Add one step's evidence from cond-half codes [B, tokens, k]."""
         self.steps += 1
         mean_code = mean_codes(values, indices, self.tables.num_latents)
+        if self.detectors is not None:
+            self._update_detectors(mean_code, row)
+            return
         for kind, members in self.groups.items():
             evidence = self._evidence(mean_code, members, row)
             prev = self.running.get(kind)
@@ -80,6 +128,12 @@ class ConceptGate:
 
     def present(self, concept_index: int) -> Tensor:
         """[B] bool: the images whose running nearest concept of its kind is this one (or,
-        latched, its anchor since the image was found with it)."""
+        latched, its anchor since the image was found with it); with detectors, the images
+        whose running mean has reached the concept's threshold at some step."""
+        if self.detectors is not None:
+            if self.found is None:
+                raise RuntimeError("ConceptGate.present before any update: the gate has not "
+                                   "seen a step yet")
+            return self.found[:, self.slot[concept_index]]
         latched = self.latched.get(concept_index)
         return latched if latched is not None else self._near(concept_index, concept_index)

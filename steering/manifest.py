@@ -16,7 +16,9 @@ from steering.recipe import PLAIN, SteeringRecipe
 # 2 adds ``recipe`` (steering/recipe.py); a version-1 bundle loads with the plain recipe.
 # 3 adds the optional learned swaps, translation.safetensors (steering/translation.py).
 # 4 adds the optional detection probe, gate_probe.safetensors (steering/gate_probe.py).
-BUNDLE_FORMAT_VERSION = 4
+# 5 adds the optional open-world concept detectors, detectors.safetensors
+#   (steering/detector.py).
+BUNDLE_FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 
 

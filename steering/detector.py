@@ -1,0 +1,158 @@
+"""Open-world concept detectors: one present/absent decision per concept, with a calibrated
+threshold.
+
+The gate's probe (:mod:`steering.gate_probe`) ranks the concepts of a kind, so an image that
+holds none of them still gets one, and a kind with one concept is always "present". Real
+concepts ("nudity", an artist's style) appear in images whose prompt never names them and are
+absent from most images, so each concept gets its own detector here. Per concept c and table
+row t a linear score of the image's mean SAE code over tokens (cond half,
+:func:`steering.gate_probe.mean_codes`):
+
+    s_{c,t}(image) = z̄_t · W_{c,t} + b_{c,t}
+
+fitted on image-level labels (``training/detector_fit.py``: ridge towards 1 for images that
+show c and 0 for every other image). The evidence at a step is the running mean of s over
+the steps seen so far in the run; the image is "present" for c from the first step the
+running mean reaches the threshold τ_c, and stays so (the gate latches: steering/gate.py).
+
+τ_c is calibrated on held-out runs: the smallest value that at most a fraction ``fpr`` of
+the held-out images without c reach, in the statistic the gate's latch acts on — the maximum
+over steps of the running mean. The held-out precision and recall at τ_c are stored with it.
+
+For reporting, an image's final detection score is p_c = sigmoid(max_t running mean − τ_c):
+0.5 is exactly the calibrated threshold, and it is monotone in the evidence. It is a ranking
+score around the decision, not a calibrated probability: one unit of score is the gap between
+the fitted targets of an image with and without the concept.
+
+Stored as ``weight`` [C, steps, n] (float16), ``bias`` [C, steps] and ``threshold`` [C]
+(float32), with the concept names (the bundle's, in its order), the target false-positive
+rate, where the labels came from, the held-out figures and the fitting command in the
+metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+DETECTORS_FILE = "detectors.safetensors"
+# where a fit's labels came from: a judge of the generated images, the runs file, the prompt
+LABEL_SOURCES = ("judge", "given", "prompt")
+
+
+def running_means(scores: Tensor) -> Tensor:
+    """Running mean over steps (dim 0) of per-step scores [steps, ...]: the gate's evidence."""
+    seen = torch.arange(1, scores.shape[0] + 1, device=scores.device, dtype=scores.dtype)
+    return scores.cumsum(0) / seen.view(-1, *([1] * (scores.ndim - 1)))
+
+
+@dataclass
+class ConceptDetectors:
+    """Per concept and table row, a linear score of the mean SAE code; per concept, τ."""
+
+    concepts: list[str]
+    weight: Tensor  # [C, steps, n]
+    bias: Tensor  # [C, steps]
+    threshold: Tensor  # [C]
+    fpr: float = 0.01
+    labels: str = "prompt"
+    # concept -> held-out figures at τ: precision (None when nothing was flagged), recall,
+    # positives, negatives
+    heldout: dict[str, dict[str, Any]] = field(default_factory=dict)
+    command: str = ""  # the command that fitted them (provenance)
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight.detach().to(torch.float16)
+        self.bias = self.bias.detach().to(torch.float32)
+        self.threshold = self.threshold.detach().to(torch.float32)
+        c = len(self.concepts)
+        if not (self.weight.ndim == 3 and self.bias.shape == self.weight.shape[:2]
+                and self.weight.shape[0] == c and self.threshold.shape == (c,)):
+            raise ValueError(f"detectors: weight {list(self.weight.shape)}, bias "
+                             f"{list(self.bias.shape)}, threshold "
+                             f"{list(self.threshold.shape)} and {c} concepts must be "
+                             "[C, steps, n], [C, steps], [C] and C names")
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"detectors: labels {self.labels!r} must be one of "
+                             f"{', '.join(LABEL_SOURCES)}")
+        if not 0.0 < self.fpr < 1.0:
+            raise ValueError(f"detectors: fpr {self.fpr} must be between 0 and 1")
+
+    @property
+    def num_steps(self) -> int:
+        """Table rows the detectors were fitted for."""
+        return int(self.weight.shape[1])
+
+    @property
+    def n_latents(self) -> int:
+        """Width of the SAE code they read."""
+        return int(self.weight.shape[2])
+
+    def scores(self, mean_code: Tensor, row: int, members: Sequence[int] | None = None
+               ) -> Tensor:
+        """[B, C'] this step's scores of concepts ``members`` (all when None) at table row
+        ``row`` from mean codes [B, n]."""
+        weight, bias = self.weight[:, row], self.bias[:, row]
+        if members is not None:
+            weight, bias = weight[list(members)], bias[list(members)]
+        return mean_code @ weight.to(mean_code.device, mean_code.dtype).T + bias.to(mean_code)
+
+    def statistic(self, codes: Tensor) -> Tensor:
+        """[N, C] max over steps of the running mean score, from mean codes [steps, N, n]:
+        what τ is calibrated on and the gate's latch compares with τ."""
+        per_step = torch.stack([self.scores(codes[t].float(), t)
+                                for t in range(codes.shape[0])])
+        return running_means(per_step).max(0).values
+
+    def probability(self, statistic: Tensor) -> Tensor:
+        """Final detection score sigmoid(statistic − τ) per image and concept (0.5 at τ)."""
+        return torch.sigmoid(statistic - self.threshold.to(statistic))
+
+    def validate(self, concepts: Sequence[str], n_latents: int, num_steps: int) -> None:
+        """Raise ValueError unless made for these concepts (in this order) and SAE sizes."""
+        if list(concepts) != self.concepts:
+            raise ValueError(f"made for concepts {self.concepts}, the bundle has "
+                             f"{list(concepts)}: refit them with `steer bundle fit-detector`")
+        if (self.n_latents, self.num_steps) != (n_latents, num_steps):
+            raise ValueError(f"made for [n_latents, steps] = [{self.n_latents}, "
+                             f"{self.num_steps}], the bundle has [{n_latents}, {num_steps}]: "
+                             "refit them with `steer bundle fit-detector`")
+
+    def to(self, device: str | torch.device) -> ConceptDetectors:
+        """The same detectors with their tensors on ``device``."""
+        return ConceptDetectors(list(self.concepts), self.weight.to(device),
+                                self.bias.to(device), self.threshold.to(device), self.fpr,
+                                self.labels, dict(self.heldout), self.command)
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file; names, fpr, label source and held-out figures in metadata."""
+        save_file({"weight": self.weight.contiguous().cpu(),
+                   "bias": self.bias.contiguous().cpu(),
+                   "threshold": self.threshold.contiguous().cpu()},
+                  str(path), metadata={"concepts": json.dumps(self.concepts),
+                                       "fpr": json.dumps(self.fpr),
+                                       "labels": self.labels,
+                                       "heldout": json.dumps(self.heldout, sort_keys=True),
+                                       "command": self.command})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ConceptDetectors:
+        """Read a file written by :meth:`save`."""
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            missing = [k for k in ("concepts", "fpr", "labels") if k not in meta]
+            if missing:
+                raise ValueError(f"{path}: no {', '.join(missing)} in its metadata; not "
+                                 "concept detectors")
+            return cls(json.loads(meta["concepts"]), f.get_tensor("weight"),
+                       f.get_tensor("bias"), f.get_tensor("threshold"),
+                       float(json.loads(meta["fpr"])), meta["labels"],
+                       json.loads(meta.get("heldout", "{}")), meta.get("command", ""))
