@@ -175,7 +175,8 @@ class SteeredPipeline:
                                 self.bundle.translations)
             margins = plan.gate_margins
             gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors,
-                                self.bundle.gate_probe) if margins else None)
+                                self.bundle.gate_probe, self.bundle.detectors)
+                    if margins else None)
             steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
                                  self._detection, gate=gate)
             hooks = [(self.pipe.unet, "step_tracker", tracker),
