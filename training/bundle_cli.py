@@ -28,6 +28,8 @@ def register(root: typer.Typer) -> None:
     root.command("importance")(importance)
     root.command("export")(export)
     root.add_typer(bundle_app, name="bundle")
+    from training.detector_cli import register as add_fit_detector
+    add_fit_detector(bundle_app)
 
 
 def _command() -> str:
