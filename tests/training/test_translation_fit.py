@@ -84,7 +84,7 @@ def test_reduced_rank_keeps_the_main_directions_of_the_fitted_edits(sae):
 def test_rare_features_are_left_out(sae):
     fit = SwapRegression(sae, num_rows=1)
     fit.add(0, batch(7), batch(8))
-    seen = fit.count[0][:N]
+    seen = fit.counts(0)
     few = int(seen[seen > 0].min())
     swap = fit.solve("green", min_count=few + 1, rank=2)
     kept = set(swap.feature.tolist()) - {N}
@@ -100,8 +100,8 @@ def test_swap_pairs_differ_only_in_the_concept_and_use_their_own_seeds():
     pairs = swap_pairs("red", "green", 6, 3_000_000)
     assert len({p.seed for p, _ in pairs}) == 6
     for p, asked in pairs:
-        assert asked["colour"] == "red" and "red" in p.prompt and "green" in p.swapped
-        assert p.prompt.replace("red", "green") == p.swapped
+        assert asked["colour"] == "red" and "red" in p.prompt and "green" in p.counterfactual
+        assert p.prompt.replace("red", "green") == p.counterfactual
     assert swap_pairs("red", "blue", 1, 3_000_000)[0][0].seed != pairs[0][0].seed
     with pytest.raises(ValueError, match="another concept"):
         swap_pairs("red", "circle", 1, 0)
@@ -157,7 +157,7 @@ def test_pairs_from_prompts_swap_the_whole_word_and_refuse_prompts_without_it():
     from training.translation_fit import pairs_from_prompts
 
     pairs = pairs_from_prompts(["a Red circle", "red, on reddish dots"], "red", "green", 7)
-    assert [(p.swapped, p.seed) for p in pairs] == [("a green circle", 7),
+    assert [(p.counterfactual, p.seed) for p in pairs] == [("a green circle", 7),
                                                     ("green, on reddish dots", 8)]
     with pytest.raises(ValueError, match="do not name 'red'"):
         pairs_from_prompts(["a blue circle"], "red", "green")
