@@ -82,14 +82,17 @@ class TranslationTables:
         self.validate()
 
     def validate(self, names: Iterable[str] | None = None) -> None:
-        """Check every table against the SAE's sizes, the step count and (given) concept names."""
+        """Check every table against the SAE's sizes, the step count and (given) concept names.
+
+        The anchor is a label of what the swap was fitted towards: a bundle concept, or free
+        text for a counterfactual prompt that is none (e.g. "a person wearing clothes")."""
         known = None if names is None else set(names)
         for c, tr in self.concepts.items():
             where = f"translation of {c!r}"
             if known is not None and c not in known:
                 raise ValueError(f"{where}: not a concept of the bundle ({sorted(known)})")
-            if known is not None and tr.anchor not in known:
-                raise ValueError(f"{where}: anchor {tr.anchor!r} is not a concept of the bundle")
+            if not tr.anchor.strip():
+                raise ValueError(f"{where}: empty anchor label; name what it swaps towards")
             if tuple(tr.basis.shape[::2]) != (self.num_steps, self.d_in):
                 raise ValueError(f"{where}: basis {list(tr.basis.shape)} is not "
                                  f"[{self.num_steps}, r, {self.d_in}]")

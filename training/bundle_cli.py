@@ -170,42 +170,88 @@ def bundle_fit_swap(
                                   "(rewritten in place)."),
     pipeline: Path = typer.Option(..., help="The SD-1.x pipeline folder the bundle is for."),
     concept: str = typer.Option(..., help="The bundle concept to swap away."),
-    anchor: str = typer.Option(..., help="The bundle concept to swap it for (same kind)."),
-    prompts: Path = typer.Option(..., help="Text file, one prompt per line, each naming the "
-                                 "concept; the twin names the anchor instead."),
+    anchor: str | None = typer.Option(None, help="The bundle concept to swap it for (same "
+                                      "kind); with --prompts its word replaces the concept's."),
+    prompts: Path | None = typer.Option(None, help="Text file, one prompt per line, each "
+                                        "naming the concept; the twin names the anchor "
+                                        "instead."),
+    pairs: Path | None = typer.Option(None, help="JSONL file, one pair a line: {\"prompt\": "
+                                      "..., \"counterfactual\": ..., \"seed\": ...}; the "
+                                      "counterfactual is any prompt (instead of --prompts)."),
+    anchor_label: str | None = typer.Option(None, help="With --pairs: the label stored as "
+                                            "the swap's anchor when it is not a bundle concept "
+                                            "(default: --anchor, else 'counterfactual')."),
     seed_base: int = typer.Option(0, help="Seed of the first prompt (then +1 per line)."),
     steps: int | None = typer.Option(None, help="Denoising steps (default: the bundle's)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     batch_size: int = typer.Option(8, min=1, help="Prompts per pipeline call."),
     rounds: int = typer.Option(1, min=0, help="On-policy rounds after the paired fit."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]: runs the pipeline and solves "
+                               "the fit."),
+    dtype: str = typer.Option("float32", help="The fit's solver precision: float32 or "
+                              "float64."),
+    pipeline_dtype: str = typer.Option("float32", help="float32, float16 or bfloat16 (GPU)."),
+    work_dir: Path | None = typer.Option(None, help="Folder for the recorded codes and solved "
+                                         "rows; rerun with it to resume (default: temporary)."),
 ) -> None:
     """Learn the swap concept → anchor from paired runs and make the bundle's recipe the gated
     translate recipe (format 3; concepts without a swap keep replacement). The concept's
     default γ becomes 1 (the swap as fitted)."""
     import dataclasses
 
+    import torch
     from tqdm import tqdm
 
     from steering.pipeline import SteeredPipeline
     from steering.recipe import GATED_TRANSLATE
     from steering.translation import TranslationTables
-    from training.translation_fit import fit_translation, pairs_from_prompts
+    from training.translation_fit import fit_translation, load_pairs, pairs_from_prompts
 
+    if (prompts is None) == (pairs is None):
+        raise _fail("pass --prompts (one prompt per line; the anchor's word is swapped in) or "
+                    "--pairs (JSONL of prompt, counterfactual, seed), not both")
+    if prompts is not None and anchor is None:
+        raise _fail("--prompts needs --anchor (the bundle concept whose word replaces the "
+                    "concept's); for other counterfactuals use --pairs")
+    if prompts is not None and anchor_label is not None:
+        raise _fail("--anchor-label goes with --pairs; with --prompts the anchor is --anchor")
+    if anchor is not None and anchor_label is not None:
+        raise _fail("pass --anchor or --anchor-label, not both")
+    if anchor_label is not None and not anchor_label.strip():
+        raise _fail("--anchor-label is empty; name what the counterfactuals show")
+    if dtype not in ("float32", "float64"):
+        raise _fail(f"--dtype {dtype!r}: use float32 or float64")
+    if pipeline_dtype not in ("float32", "float16", "bfloat16"):
+        raise _fail(f"--pipeline-dtype {pipeline_dtype!r}: use float32, float16 or bfloat16")
     with _user_errors():
-        steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device)
+        steered = SteeredPipeline.from_pretrained(pipeline, bundle, device=device,
+                                                  dtype=getattr(torch, pipeline_dtype))
         b = steered.bundle
         assert b is not None
-        spec, other = b.concept(concept), b.concept(anchor)
-        if spec.kind != other.kind or concept == anchor:
-            raise ValueError(f"the anchor must be another concept of {concept!r}'s kind "
-                             f"({spec.kind}): {', '.join(b.concepts_of_kind(spec.kind))}")
-        lines = [t.strip() for t in prompts.read_text().splitlines() if t.strip()]
-        pairs = pairs_from_prompts(lines, concept, anchor, seed_base)
-        with tqdm(total=len(pairs) * (2 + rounds), unit="img", desc=f"{concept} → {anchor}"
+        if concept not in b.concept_names:
+            raise ValueError(f"--concept {concept!r} is not a concept of the bundle "
+                             f"({', '.join(b.concept_names)})")
+        spec = b.concept(concept)
+        if anchor is not None:
+            kin = b.concepts_of_kind(spec.kind)
+            if anchor not in kin or concept == anchor:
+                raise ValueError(f"--anchor {anchor!r}: the anchor must be another concept of "
+                                 f"{concept!r}'s kind ({spec.kind}): {', '.join(kin)}"
+                                 + ("" if pairs is None else "; for a label that is no bundle "
+                                    "concept use --anchor-label"))
+        label = anchor or anchor_label or "counterfactual"
+        if prompts is not None:
+            lines = [t.strip() for t in prompts.read_text().splitlines() if t.strip()]
+            chosen = pairs_from_prompts(lines, concept, label, seed_base)
+        else:
+            assert pairs is not None
+            chosen = load_pairs(pairs)
+        with tqdm(total=len(chosen) * (2 + rounds), unit="img", desc=f"{concept} → {label}"
                   ) as bar:
-            swap = fit_translation(steered, anchor, pairs, steps or b.manifest.steps,
-                                   guidance, batch_size, rounds, progress=bar.update)
+            swap = fit_translation(steered, label, chosen, steps or b.manifest.steps,
+                                   guidance, batch_size, rounds, progress=bar.update,
+                                   work_dir=work_dir, device=device,
+                                   dtype=getattr(torch, dtype))
         m = b.manifest
         have = b.translations.concepts if b.translations is not None else {}
         b.translations = TranslationTables(m.n_latents, m.d_in, m.steps,
@@ -215,7 +261,7 @@ def bundle_fit_swap(
         m.concepts = [dataclasses.replace(c, default_gamma=min(max(1.0, lo), hi))
                       if c.name == concept else c for c in m.concepts]
         b.save(bundle)
-    typer.echo(f"added the learned swap {concept} → {anchor} ({len(pairs)} prompt pairs, "
+    typer.echo(f"added the learned swap {concept} → {label} ({len(chosen)} prompt pairs, "
                f"{len(swap.row)} feature rows) to {bundle}; recipe: gated translate")
 
 

@@ -140,6 +140,7 @@ class RowSolution:
     basis: Tensor  # [rank, d_in] float32
     tokens: int
     iterations: int  # conjugate-gradient iterations the solve took
+    state_bytes: int = 0  # bytes of the tensors the fit held at its largest (not the chunks)
 
 
 def _conjugate_gradients(apply: Callable[[Tensor], Tensor], b: Tensor, inverse_diag: Tensor,
@@ -182,6 +183,8 @@ def fit_row(chunks: Callable[[], Iterable[Chunk]], n: int, d: int, ridge: float 
     tokens, plus the bias) and y = Δ V'ᵀ. Conjugate gradients on (ZᵀZ + λI) C = Zᵀy with Z as
     the operator (``ridge`` relative to the mean diagonal, as the dense solve), then the
     ``rank`` main directions of the fitted edits Z C within V'. None when no feature is kept.
+    ``dtype`` float32 (default) runs the sparse products several times faster than float64 on
+    CPU and agrees with the dense float64 solve to ≈ 1e-4 on the tests' problems.
     """
     rank = min(rank, d)
     width = min(d, max(work_rank if work_rank is not None else 4 * rank, rank))
@@ -236,11 +239,14 @@ def fit_row(chunks: Callable[[], Iterable[Chunk]], n: int, d: int, ridge: float 
     coef, iterations = _conjugate_gradients(lambda u: zt_times(z_times(u)) + lam * u, b,
                                             1.0 / (diag + lam), tol, max_iter)
     fitted = z_times(coef)
+    held = (count, column, col, val, token_of, weight_t, offsets, diag, b, coef, fitted)
+    state_bytes = (sum(t.numel() * t.element_size() for t in held)
+                   + 5 * coef.numel() * coef.element_size() + 2 * d * d * dtype.itemsize)
     _, mix = torch.linalg.eigh(fitted.T @ fitted)
     mix = mix[:, -rank:]  # [width, rank]: the fitted edits' main directions within V'
     features = torch.cat([act, torch.tensor([n], device=device)])
     return RowSolution(features.cpu(), (coef @ mix).float().cpu(),
-                       (project @ mix).T.float().cpu(), tokens, iterations)
+                       (project @ mix).T.float().cpu(), tokens, iterations, state_bytes)
 
 
 class SwapRegression:

@@ -111,7 +111,7 @@ def test_tables_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda t: setattr(t.concepts["red"], "anchor", "purple"), "anchor 'purple'"),
+    (lambda t: setattr(t.concepts["red"], "anchor", " "), "empty anchor label"),
     (lambda t: t.concepts.update(mauve=t.concepts["red"]), "not a concept of the bundle"),
     (lambda t: setattr(t, "d_in", D + 1), "basis"),
     (lambda t: setattr(t, "n_latents", N - 5), "feature ids outside"),
