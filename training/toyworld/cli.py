@@ -137,3 +137,42 @@ def gate_probe(
     steered.bundle.gate_probe = probe.to("cpu")
     steered.bundle.save(bundle_dir)
     typer.echo(f"added the gate's probe ({len(fit)} runs) to {bundle_dir}")
+
+
+@app.command("chain-data")
+def chain_data(
+    out: Path = typer.Option(Path("toyworld-build/chain-data"), help="Folder for the files."),
+    concepts: str = typer.Option("", help="Comma list of concepts (default: all)."),
+    pairs: int = typer.Option(64, min=1, max=1000, help="Counterfactual pairs per (concept, "
+                              "candidate)."),
+    runs: int = typer.Option(1536, min=1, max=100_000, help="Detector runs (a third name every "
+                             "kind, a third leave one kind unnamed, a third two)."),
+    tune: int = typer.Option(96, min=3, max=5000, help="Tuning prompts per concept."),
+) -> None:
+    """Write the toy world's inputs of the generic bundle commands: pairs/C-CF.jsonl for
+    `steer bundle fit-swap --pairs` and `tune`, runs.jsonl for `steer bundle fit-detector`,
+    tune/C.jsonl for `steer bundle tune --prompts`."""
+    from training.toyworld.chain_data import (
+        candidates_of,
+        detector_rows,
+        pair_rows,
+        tune_rows,
+        write_jsonl,
+    )
+    from training.toyworld.world import KINDS
+
+    names = [c.strip() for c in concepts.split(",") if c.strip()] or \
+        [c for ms in KINDS.values() for c in ms]
+    try:
+        files = 0
+        for concept in names:
+            for cf in candidates_of(concept):
+                write_jsonl(out / "pairs" / f"{concept}-{cf}.jsonl", pair_rows(concept, cf, pairs))
+                files += 1
+            write_jsonl(out / "tune" / f"{concept}.jsonl", tune_rows(concept, tune))
+            files += 1
+        write_jsonl(out / "runs.jsonl", detector_rows(runs))
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from e
+    typer.echo(f"wrote {files + 1} files under {out}")
