@@ -1,15 +1,19 @@
 """Hooks on the UNet (built on diffusers' HookRegistry): step tracking, capture and steering.
 
-The hooked block is ``unet.up_blocks[1].attentions[1]`` (DESIGN §3). Its output is a tuple whose
-tensor is [N, C, H, W], N = 2B with classifier-free guidance (``cat([uncond, cond])``).
+The hooked block is ``unet.up_blocks[1].attentions[1]``. Its output is a tuple whose tensor is
+[N, C, H, W], N = 2B with classifier-free guidance (``cat([uncond, cond])``).
 Hooks live only inside :func:`attached`, which removes them on exit, exceptions included.
+
+In generation the hooks never synchronise with the host: the step's timestep and table row
+come from the schedule computed before the call (:class:`StepTracker`), the plan's rows are
+built before it, and a cancel is an in-process flag checked at every hooked call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -52,18 +56,64 @@ def cond_half(x: Tensor, cfg: bool) -> Tensor:
     return x.chunk(2)[1] if cfg else x
 
 
-class StepTracker(ModelHook):
-    """On the UNet: counts denoising steps in a call and records the current timestep."""
+class GenerationCanceled(Exception):
+    """Raised out of a generation when its cancel flag (or cancel check) said stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"generation canceled after step {step} of {total}")
+        self.step, self.total = step, total
+
+
+class CancelFlag(Protocol):
+    """What a generation polls to stop early, e.g. a :class:`threading.Event`."""
+
+    def is_set(self) -> bool:
+        """True once the generation should stop."""
+        ...
+
+
+class StepTracker(ModelHook):
+    """On the UNet: counts denoising steps in a call and knows the current timestep.
+
+    Given the request's ``timesteps`` (and the table ``rows`` they map to), it reads neither
+    from the UNet's arguments, which would be a device sync per step on a GPU; without them
+    (activation collection) it reads the timestep argument. With ``cancel`` it raises
+    :class:`GenerationCanceled` before a UNet call once the flag is set."""
+
+    def __init__(self, timesteps: Sequence[int] | None = None, rows: Sequence[int] | None = None,
+                 cancel: CancelFlag | None = None) -> None:
         super().__init__()
+        if rows is not None and (timesteps is None or len(rows) != len(timesteps)):
+            raise ValueError("StepTracker needs one table row per timestep of the schedule")
+        if cancel is not None and timesteps is None:
+            raise ValueError("StepTracker needs the schedule's timesteps to report a cancel")
         self.step = -1
         self.timestep: int | None = None
+        self.row: int | None = None
+        self.timesteps = None if timesteps is None else [int(t) for t in timesteps]
+        self.rows = None if rows is None else [int(r) for r in rows]
+        self.cancel = cancel
+
+    def check_cancel(self, done: int) -> None:
+        """Raise :class:`GenerationCanceled` (``done`` steps finished) if the flag is set."""
+        if self.cancel is not None and self.cancel.is_set():
+            assert self.timesteps is not None  # checked in __init__
+            raise GenerationCanceled(done, len(self.timesteps))
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.timestep = int(t.flatten()[0]) if isinstance(t, Tensor) else int(t)
+        self.check_cancel(self.step + 1)
         self.step += 1
+        if self.timesteps is None:
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            self.timestep = int(t.flatten()[0]) if isinstance(t, Tensor) else int(t)
+            return args, kwargs
+        if self.step >= len(self.timesteps):
+            raise RuntimeError(f"the UNet was called {self.step + 1} times for a schedule of "
+                               f"{len(self.timesteps)} steps: the scheduler calls it more than "
+                               "once per step; use DDIM (SteeredPipeline does)")
+        self.timestep = self.timesteps[self.step]
+        if self.rows is not None:
+            self.row = self.rows[self.step]
         return args, kwargs
 
 
@@ -101,8 +151,11 @@ class SteeringHook(ModelHook):
 
     @torch.no_grad()
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.tracker.check_cancel(self.tracker.step)  # mid-call: this step is not done
         x = output_tensor(output)
-        row = self.tables.row_for_timestep(self.tracker.timestep)
+        row = self.tracker.row
+        if row is None:  # no precomputed schedule (tests, tools): look it up, a host sync
+            row = self.tables.row_for_timestep(self.tracker.timestep)
         values, indices = self.sae.encode(to_tokens(x))
         n, _, h, w = x.shape
         # The cond half's codes, [B, tokens, k] views: what detection and the gate read.

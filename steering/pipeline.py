@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.hooks import ModelHook
 from PIL import Image
 
 from steering.bundle import SteeringBundle
@@ -23,20 +24,12 @@ from steering.concepts import ConceptSpec
 from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.gate import ConceptGate
-from steering.hooks import SteeringHook, StepTracker, attached
-from steering.plan import DetectionPlan, SteeringPlan
+from steering.hooks import CancelFlag, GenerationCanceled, SteeringHook, StepTracker, attached
+from steering.plan import DetectionPlan, RowCache, SteeringPlan
 from steering.recipe import SteeringRecipe
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
-
-
-class GenerationCanceled(Exception):
-    """Raised out of :meth:`SteeredPipeline.generate` when the cancel check said stop."""
-
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"generation canceled after step {step} of {total}")
-        self.step, self.total = step, total
 
 
 @dataclass
@@ -55,6 +48,9 @@ class GenerationRequest:
 
     seed_list: Sequence[int] | None = None
     recipe: SteeringRecipe | None = None  # None: the bundle's default recipe
+    # Set (e.g. a threading.Event from another thread) to stop within one UNet call: checked
+    # in process before every UNet call and in the steering hook, never a network call.
+    cancel: CancelFlag | None = field(default=None, compare=False, repr=False)
 
     @property
     def seeds(self) -> list[int]:
@@ -100,8 +96,8 @@ def pipeline_default_size(pipe: StableDiffusionPipeline) -> int:
 class SteeredPipeline:
     """Generation with SAE concept steering at the bundle's hook point (SD: up1.1)."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, bundle: SteeringBundle | None = None
-                 ) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline, bundle: SteeringBundle | None = None,
+                 row_cache: RowCache | None = None) -> None:
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(f"only SD-1.x StableDiffusionPipeline is supported, got "
                             f"{type(pipe).__name__}")
@@ -111,6 +107,9 @@ class SteeredPipeline:
         hook_point = bundle.manifest.hook_point if bundle is not None else HOOK_POINT
         self.block = pipe.unet.get_submodule(hook_point)
         self.bundle = bundle
+        # plan rows built once per process and shared by requests (STEER_PLAN_CACHE_MB)
+        self.row_cache = row_cache if row_cache is not None else RowCache.from_env()
+        self._schedules: dict[int, tuple[list[int], list[int] | None]] = {}
         self.fingerprint = pipeline_fingerprint(pipe.unet, hook_point)
         if bundle is not None:
             bundle.check_fingerprint(self.fingerprint)
@@ -150,15 +149,33 @@ class SteeredPipeline:
         """Image side the UNet was trained for (512 for SD-1.x, 32 for the toy)."""
         return pipeline_default_size(self.pipe)
 
+    def schedule(self, steps: int) -> tuple[list[int], list[int] | None]:
+        """(timestep, table row) of every step of a ``steps``-step request, computed on the
+        host before the call (on a copy of the scheduler, as diffusers sets them inside it),
+        so no hook reads the timestep tensor; rows are None without a bundle."""
+        cached = self._schedules.get(steps)
+        if cached is None:
+            scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+            scheduler.set_timesteps(steps)
+            timesteps = [int(t) for t in scheduler.timesteps]
+            rows = (self.bundle.tables.rows_for_timesteps(timesteps)
+                    if self.bundle is not None else None)
+            cached = self._schedules[steps] = (timesteps, rows)
+        return cached
+
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> GenerationResult:
-        """Run one request; ``progress(step, total)`` after each step, ``should_cancel()``
-        checked between steps (raises :class:`GenerationCanceled`)."""
+        """Run one request; ``progress(step, total)`` after each step; stops with
+        :class:`GenerationCanceled` within one UNet call of ``request.cancel`` being set, or
+        between steps when ``should_cancel()`` says so."""
         started = time.perf_counter()
         edits = resolve_edits(list(request.edits), self.concepts)
         total = request.steps
+        flag = request.cancel
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
+            if flag is not None and flag.is_set():  # set during this step: drop it unreported
+                raise GenerationCanceled(step, total)
             if progress is not None:
                 progress(step + 1, total)
             if should_cancel is not None and should_cancel():
@@ -166,21 +183,27 @@ class SteeredPipeline:
             return callback_kwargs
 
         cfg = request.guidance > 1.0
-        tracker = StepTracker()
-        hooks = []
+        timesteps, rows = self.schedule(total)
+        tracker = StepTracker(timesteps, rows, cancel=flag)
+        # the tracker counts steps and checks the cancel flag, so it is on even unsteered
+        hooks: list[tuple[torch.nn.Module, str, ModelHook]] = [
+            (self.pipe.unet, "step_tracker", tracker)]
         steer = None
         if self.bundle is not None:
+            assert rows is not None  # a bundle's schedule has its table rows
             recipe = request.recipe or self.bundle.manifest.recipe
             plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe,
-                                self.bundle.translations)
+                                self.bundle.translations, cache=self.row_cache,
+                                scope=self.bundle.sha256, swap_dtype=self.pipe.unet.dtype)
+            plan.prepare(sorted(set(rows)))  # host work here, not in the hook
+            self._detection.prepare(sorted(set(rows)))
             margins = plan.gate_margins
             gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors,
                                 self.bundle.gate_probe, self.bundle.detectors)
                     if margins else None)
             steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
                                  self._detection, gate=gate)
-            hooks = [(self.pipe.unet, "step_tracker", tracker),
-                     (self.block, "steering", steer)]
+            hooks.append((self.block, "steering", steer))
         size = self.default_size()
         device = self.pipe.device
         generators = [torch.Generator(device).manual_seed(s) for s in request.seeds]

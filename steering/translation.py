@@ -60,13 +60,16 @@ class ConceptTranslation:
         return int(self.basis.shape[2])
 
     def at(self, r: int, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(features [m], deltas [m, d_in], bias [d_in]) of table row r."""
-        here = self.row == r
+        """(features [m], deltas [m, d_in], bias [d_in]) of table row r (zero bias if none).
+
+        Selecting the row's entries sizes tensors by the data (a host sync on a GPU): call it
+        when building a plan, never per step (steering/plan.py caches what it returns)."""
+        here = torch.nonzero(self.row == r).flatten()
         feats = self.feature[here]
-        deltas = self.coef[here].float() @ self.basis[r]
         is_bias = feats == n_latents
-        bias = deltas[is_bias].sum(0) if bool(is_bias.any()) else deltas.new_zeros(self.d_in)
-        return feats[~is_bias], deltas[~is_bias], bias
+        keep = torch.nonzero(~is_bias).flatten()
+        bias = (self.coef[here[is_bias]].float() @ self.basis[r]).sum(0)  # empty sum: zeros
+        return feats[keep], self.coef[here[keep]].float() @ self.basis[r], bias
 
 
 @dataclass
