@@ -29,7 +29,10 @@ def register(root: typer.Typer) -> None:
     root.command("export")(export)
     root.add_typer(bundle_app, name="bundle")
     from training.detector_cli import register as add_fit_detector
+    from training.tune_cli import register as add_tune
+
     add_fit_detector(bundle_app)
+    add_tune(bundle_app)
 
 
 def _command() -> str:

@@ -17,9 +17,13 @@ Intervals are Wilson score intervals (right at 0 and 1, where the normal one is 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 Z95 = 1.959963984540054
 
@@ -119,3 +123,8 @@ def implicit_metrics(pairs: Sequence[Paired], concept: str) -> dict[str, Rate]:
             false_edits = (false_edits[0] + p.changed, false_edits[1] + 1)
             kept = (kept[0] + (dict(p.steered) == dict(p.unedited)), kept[1] + 1)
     return {"removal": Rate(*removal), "false_edits": Rate(*false_edits), "kept": Rate(*kept)}
+
+
+def pixel_digest(image: Any) -> str:
+    """Short digest of an image's pixels: equal digests mean not one pixel differs."""
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]

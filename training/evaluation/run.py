@@ -13,7 +13,6 @@ synonyms, multi-concept) for every method, and returns every figure (``results.j
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -34,7 +33,14 @@ from training.evaluation.methods import (
     build_method,
     settings_key,
 )
-from training.evaluation.metrics import Judged, Paired, Rate, implicit_metrics, steering_metrics
+from training.evaluation.metrics import (
+    Judged,
+    Paired,
+    Rate,
+    implicit_metrics,
+    pixel_digest,
+    steering_metrics,
+)
 from training.evaluation.prompts import (
     ALL_CONCEPTS,
     MULTI_SETS,
@@ -201,12 +207,6 @@ def run_jobs(jobs: Sequence[Job], predictor: Predictor, cache: CellCache, batch_
                 bar.update(len(chunk))
     return preds
 
-
-def pixel_digest(image: Any) -> str:
-    """Short digest of an image's pixels: equal digests mean not one pixel changed."""
-    import numpy as np
-
-    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()[:16]
 
 
 # -- figures -------------------------------------------------------------------------------
