@@ -36,6 +36,11 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}cancel:{job_id}"
 
 
+def cancel_channel(job_id: str) -> str:
+    """Pub/sub channel on which a cancel is announced to the worker running the job."""
+    return f"{PREFIX}cancel-events:{job_id}"
+
+
 def active_key(owner: str) -> str:
     """SET of an API key's queued + running job ids (the per-key cap)."""
     return f"{PREFIX}active:{owner}"
@@ -150,11 +155,17 @@ def update_meta(conn: redis.Redis, job_id: str, **fields: Any) -> None:
 
 
 def request_cancel(conn: redis.Redis, job_id: str, ttl_s: int) -> None:
-    """Flag the job for cancellation (the worker checks between steps)."""
-    conn.set(cancel_key(job_id), b"1", ex=max(1, ttl_s))
+    """Flag the job for cancellation and announce it (one round trip): a running job's
+    worker hears the announcement at once; the flag is what a job not started yet, or a
+    worker that missed the announcement, finds (service/runner.py: cancel_watch)."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.set(cancel_key(job_id), b"1", ex=max(1, ttl_s))
+    pipe.publish(cancel_channel(job_id), b"1")
+    pipe.execute()
 
 
 def cancel_requested(conn: redis.Redis, job_id: str) -> bool:
+    """Whether the job's cancel flag is set."""
     return bool(conn.exists(cancel_key(job_id)))
 
 

@@ -9,6 +9,10 @@ generator, so each image is reproducible alone).
 The job function catches its own errors and returns a :class:`JobOutcome` (status
 succeeded / canceled / failed with the reason), so RQ's retry only fires when the worker
 itself died mid-job.
+
+Cancel reaches a running generation through an in-process flag (:func:`cancel_watch`): a
+thread of the job waits for the cancel's announcement on Redis and sets the flag, which the
+steering hooks read at every UNet call, so no step makes a Redis call to learn of it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +41,7 @@ from service.enforce import CONTENT_POLICY_VIOLATION, EditPlan, Enforced, plan_e
 from service.images import ImageStore, a1111_parameters
 from service.jobstore import (
     JobOutcome,
+    cancel_channel,
     cancel_requested,
     new_id,
     release_owner_slot,
@@ -54,8 +60,12 @@ from steering.pipeline import GenerationCanceled, GenerationRequest, SteeredPipe
 log = logging.getLogger(__name__)
 
 # Progress is written at most this often (the last step always): a Redis transaction per
-# step would cost a noticeable share of a 5 ms GPU step. Cancel is checked every step.
+# step would cost a noticeable share of a 5 ms GPU step.
 PROGRESS_MIN_INTERVAL_S = 0.05
+# The cancel watcher also reads the job's cancel flag this often (a cancel announced while it
+# was not subscribed, e.g. during a Redis blip); the announcement itself arrives at once.
+CANCEL_POLL_S = 0.5
+CANCEL_WAKE_S = 0.05  # how long the watcher blocks for an announcement before looking again
 SEED_RANGE = 2**32  # random seeds are drawn below this (the range A1111 users share)
 
 
@@ -189,12 +199,51 @@ class _Progress:
         self.last_step_at = now
 
 
-def _cancel_requested(conn: redis.Redis, job_id: str) -> bool:
-    """Whether the job was canceled; False while Redis is unreachable (keep generating)."""
+def _watch_cancel(conn: redis.Redis, job_id: str, flag: threading.Event,
+                  done: threading.Event, poll_s: float) -> None:
+    """Set ``flag`` when the job's cancel is announced or its cancel flag is found; until
+    ``done``. Redis errors only delay it: it subscribes again after ``poll_s``."""
+    while not done.is_set():
+        pubsub = conn.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(cancel_channel(job_id))
+            checked = 0.0  # the flag first: a cancel announced before subscribing is not heard
+            while not done.is_set():
+                now = time.monotonic()
+                if now - checked >= poll_s:
+                    checked = now
+                    if cancel_requested(conn, job_id):
+                        flag.set()
+                        return
+                # short waits, so the thread notices ``done`` promptly
+                if pubsub.get_message(timeout=CANCEL_WAKE_S) is not None:
+                    flag.set()
+                    return
+        except Exception:  # Redis down, or its client closed: never the end of the job
+            log.debug("cancel watch: Redis unreachable, retrying", exc_info=True)
+            done.wait(poll_s)
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+
+@contextlib.contextmanager
+def cancel_watch(conn: redis.Redis, job_id: str, poll_s: float = CANCEL_POLL_S
+                 ) -> Iterator[threading.Event]:
+    """An Event set soon after the job's cancel is requested, for the generation to read in
+    process (``GenerationRequest.cancel``): a daemon thread subscribes to the job's cancel
+    channel (:func:`service.jobstore.request_cancel` announces there) and reads the cancel
+    flag every ``poll_s``, so the steps themselves make no Redis call. Best effort, as
+    before: while Redis is unreachable the job keeps generating."""
+    flag, done = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_watch_cancel, args=(conn, job_id, flag, done, poll_s),
+                              name=f"steer-cancel-{job_id}", daemon=True)
+    thread.start()
     try:
-        return cancel_requested(conn, job_id)
-    except redis.RedisError:
-        return False
+        yield flag
+    finally:
+        done.set()
+        thread.join(timeout=1.0)  # it wakes every CANCEL_WAKE_S; a hung socket is left behind
 
 
 def _concepts(edits: list[ResolvedEdit]) -> list[dict[str, Any]]:
@@ -274,9 +323,9 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
             return JobOutcome("canceled", parameters=parameters, provenance=provenance,
                               error="canceled before it started")
         update_meta(conn, job_id, progress={"step": 0, "total": form.steps})
-        result = enforce.generate(rt.pipeline, request, plan, policy,
-                                  progress=_Progress(conn, job_id),
-                                  should_cancel=lambda: _cancel_requested(conn, job_id))
+        with cancel_watch(conn, job_id) as canceled:
+            result = enforce.generate(rt.pipeline, replace(request, cancel=canceled), plan,
+                                      policy, progress=_Progress(conn, job_id))
         # A refused generation has no image to write (nothing reaches the disk).
         images = (_save_images(result, parameters, provenance, job_id, rt)
                   if result.refusal is None else [])
