@@ -55,10 +55,11 @@ log = logging.getLogger(__name__)
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS after a job (glibc's ``malloc_trim``).
 
-    A job allocates and frees many large tensors of varying sizes (the plan's rows, the
-    UNet's activations); glibc keeps the freed pages, so without this a worker's unique memory
-    crept up by ~13 % over its first 300 toy jobs (bench/worker_rss.py). The trim is a no-op
-    without glibc; the collection takes a few ms, next to seconds of generation."""
+    A job allocates and frees many large tensors of varying sizes (the UNet's activations,
+    plan rows the bounded plan cache lets go: steering/plan.py ``RowCache``); glibc keeps the
+    freed pages, so without this a worker's unique memory crept up by ~13 % over its first
+    300 toy jobs (bench/worker_rss.py). The trim is a no-op without glibc; the collection
+    takes a few ms, next to seconds of generation."""
     gc.collect()  # tensors held only by reference cycles (hooks, tracebacks) go first
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
