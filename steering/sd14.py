@@ -67,3 +67,42 @@ def build_sd14_unet(
     if dtype != unet.dtype:  # diffusers warns on every dtype cast, so cast only when needed
         unet = unet.to(dtype=dtype)
     return unet.eval()
+
+
+# CompVis/stable-diffusion-v1-4's text encoder (CLIP ViT-L/14's text tower), VAE and scheduler,
+# as configs: with the UNet above they make a pipeline of SD-1.4's architecture.
+SD14_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "projection_dim": 768,
+}
+SD14_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512], "sample_size": 512,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD14_DDIM_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    "num_train_timesteps": 1000,
+}
+
+
+def build_sd14_pipeline(tokenizer: Any, dtype: torch.dtype = torch.float32, seed: int = 0
+                        ) -> Any:
+    """A StableDiffusionPipeline of SD-1.4's architecture with seeded random weights (UNet,
+    768-wide CLIP text encoder, VAE, DDIM): the whole chain runs on it without downloading
+    weights. ``tokenizer`` is any CLIPTokenizer (its length is set to SD's 77 tokens)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG)).eval()
+        vae = AutoencoderKL(**SD14_VAE_CONFIG).eval()
+    tokenizer.model_max_length = SD14_TEXT_CONFIG["max_position_embeddings"]
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=build_sd14_unet("cpu", seed=seed), scheduler=DDIMScheduler(**SD14_DDIM_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(dtype=dtype)
