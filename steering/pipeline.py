@@ -109,7 +109,7 @@ class SteeredPipeline:
         self.bundle = bundle
         # plan rows built once per process and shared by requests (STEER_PLAN_CACHE_MB)
         self.row_cache = row_cache if row_cache is not None else RowCache.from_env()
-        self._schedules: dict[int, tuple[list[int], list[int] | None]] = {}
+        self._rows_of: dict[tuple[int, ...], list[int]] = {}  # schedule -> its table rows
         self.fingerprint = pipeline_fingerprint(pipe.unet, hook_point)
         if bundle is not None:
             bundle.check_fingerprint(self.fingerprint)
@@ -153,15 +153,15 @@ class SteeredPipeline:
         """(timestep, table row) of every step of a ``steps``-step request, computed on the
         host before the call (on a copy of the scheduler, as diffusers sets them inside it),
         so no hook reads the timestep tensor; rows are None without a bundle."""
-        cached = self._schedules.get(steps)
-        if cached is None:
-            scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-            scheduler.set_timesteps(steps)
-            timesteps = [int(t) for t in scheduler.timesteps]
-            rows = (self.bundle.tables.rows_for_timesteps(timesteps)
-                    if self.bundle is not None else None)
-            cached = self._schedules[steps] = (timesteps, rows)
-        return cached
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        if self.bundle is None:
+            return timesteps, None
+        key = tuple(timesteps)
+        if key not in self._rows_of:  # the lookup reads the tables (a device sync): once
+            self._rows_of[key] = self.bundle.tables.rows_for_timesteps(timesteps)
+        return timesteps, self._rows_of[key]
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> GenerationResult:
