@@ -47,7 +47,7 @@ from steering.edits import Direction, ResolvedEdit
 from steering.fingerprint import HOOK_POINT
 from steering.gate import ConceptGate
 from steering.gate_probe import GateProbe
-from steering.hooks import SteeringHook, StepTracker, attached
+from steering.hooks import EditStage, SteeringHook, StepTracker, attached
 from steering.importance_tables import ImportanceTables
 from steering.plan import DetectionPlan, RowCache, SteeringPlan
 from steering.recipe import GATED_TRANSLATE, PLAIN
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return []
         tracker = StepTracker([TIMESTEP], [0])
         gate = new_gate() if config == "shipped" else None
-        steer = SteeringHook(sae, tables, tracker, cfg=True, plan=plans[config],
-                             detection=detection, gate=gate)
+        steer = SteeringHook(sae, tables, tracker, cfg=True,
+                             stages=[EditStage(plans[config], gate)], detection=detection)
         return [(unet, "step_tracker", tracker), (block, "steering", steer)]
 
     def step(config: str) -> float:

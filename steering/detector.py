@@ -156,3 +156,43 @@ class ConceptDetectors:
                        f.get_tensor("bias"), f.get_tensor("threshold"),
                        float(json.loads(meta["fpr"])), meta["labels"],
                        json.loads(meta.get("heldout", "{}")), meta.get("command", ""))
+
+
+class DetectorReadout:
+    """The detectors' running evidence over one generation, per image and concept: fed each
+    step's mean codes, it keeps the running mean's maximum and whether it has reached τ.
+
+    Tensor arithmetic only (no host synchronisation on CUDA), so the steering hook and the
+    gate call it at every step. ``members`` restricts it to some concepts (indices into
+    ``detectors.concepts``); column i of its outputs is ``members[i]``."""
+
+    def __init__(self, detectors: ConceptDetectors, members: Sequence[int] | None = None
+                 ) -> None:
+        self.members = list(range(len(detectors.concepts))) if members is None else list(members)
+        self.weight = detectors.weight[self.members]  # [M, steps, n]
+        self.bias = detectors.bias[self.members]  # [M, steps]
+        self.threshold = detectors.threshold[self.members]  # [M]
+        self.steps = 0
+        self.total: Tensor | None = None  # [B, M] sum of scores so far
+        self.best: Tensor | None = None  # [B, M] max over steps of the running mean
+        self.found: Tensor | None = None  # [B, M] bool: reached τ at some step
+
+    def update(self, mean_code: Tensor, row: int) -> None:
+        """Add one step's scores from mean codes [B, n] at table row ``row``."""
+        if self.weight.device != mean_code.device:  # once: device objects, no sync
+            self.weight, self.bias, self.threshold = (
+                t.to(mean_code.device) for t in (self.weight, self.bias, self.threshold))
+        score = mean_code @ self.weight[:, row].float().T + self.bias[:, row]
+        self.steps += 1
+        self.total = score if self.total is None else self.total + score
+        mean = self.total / self.steps
+        now = mean >= self.threshold
+        self.found = now if self.found is None else self.found | now
+        self.best = mean if self.best is None else torch.maximum(self.best, mean)
+
+    def probability(self) -> Tensor | None:
+        """[B, M] sigmoid(max running mean − τ): 0.5 at the calibrated threshold (None
+        before any step)."""
+        if self.best is None:
+            return None
+        return torch.sigmoid(self.best - self.threshold)

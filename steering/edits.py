@@ -33,6 +33,10 @@ class ConceptEdit:
     percentile: float | None = None
     direction: Direction = Direction.SUPPRESS
     gate_margin: float | None = None  # detection-gated recipes only (evaluation sweeps)
+    # applied after every other edit, on the activations they produced, with its own gate: a
+    # content policy's always-on suppression holds on the final activations whatever else a
+    # request asks for (see steering.hooks.SteeringHook)
+    final: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> ConceptEdit:
@@ -63,6 +67,7 @@ class ResolvedEdit:
     percentile: float
     direction: Direction
     gate_margin: float = 0.0
+    final: bool = False  # applied last, on the other edits' result (ConceptEdit.final)
 
     @property
     def active(self) -> bool:
@@ -94,5 +99,6 @@ def resolve_edits(edits: list[ConceptEdit], concepts: dict[str, ConceptSpec]) ->
         margin = spec.default_gate_margin if edit.gate_margin is None else float(edit.gate_margin)
         if not (math.isfinite(margin) and margin >= 0.0):
             raise EditError("gate_margin", f"gate margin {margin} for {spec.name!r} must be ≥ 0")
-        resolved.append(ResolvedEdit(spec, gamma, pct, Direction(edit.direction), margin))
+        resolved.append(ResolvedEdit(spec, gamma, pct, Direction(edit.direction), margin,
+                                     bool(edit.final)))
     return resolved

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steering.detector import ConceptDetectors
+from steering.detector import ConceptDetectors, DetectorReadout
 from steering.gate_probe import GateProbe, mean_codes
 from steering.importance_tables import ImportanceTables
 
@@ -46,8 +46,11 @@ class ConceptGate:
         self.tables = tables
         self.probe = probe
         self.detectors = detectors
-        self.anchors = {tables.concept_index(c): tables.concept_index(a)
-                        for c, a in (anchors or {}).items()}
+        # the anchor latch needs the anchor to be a concept of the bundle (a free-text
+        # counterfactual has no evidence to read) and does not apply to detectors
+        self.anchors = {} if detectors is not None else {
+            tables.concept_index(c): tables.concept_index(a)
+            for c, a in (anchors or {}).items() if a in tables.concepts}
         self.latched: dict[int, Tensor] = {}
         self.margins = {tables.concept_index(c): m for c, m in margins.items()}
         self.steps = 0
@@ -60,6 +63,8 @@ class ConceptGate:
             for c in members:
                 self.kind_of[c] = kind
         self.running: dict[str, Tensor] = {}
+        self._weights = {kind: self._slice_kind(members) for kind, members in self.groups.items()
+                         } if detectors is None else {}
         if detectors is not None:
             self._init_detectors(detectors, list(margins))
 
@@ -67,31 +72,14 @@ class ConceptGate:
         """Open-world mode: the gated concepts' detectors, sliced once (no per-step indexing)."""
         self.gated = [self.tables.concept_index(c) for c in gated]
         self.slot = {c: i for i, c in enumerate(self.gated)}
-        self.weight = detectors.weight[self.gated]  # [G, steps, n]
-        self.bias = detectors.bias[self.gated]  # [G, steps]
-        self.threshold = detectors.threshold[self.gated]  # [G]
-        self.total: Tensor | None = None  # [B, G] sum of scores so far
-        self.best: Tensor | None = None  # [B, G] max over steps of the running mean
-        self.found: Tensor | None = None  # [B, G] bool, latched
-
-    def _update_detectors(self, mean_code: Tensor, row: int) -> None:
-        """Add one step's detector scores; latch the images whose running mean reaches τ."""
-        if self.weight.device != mean_code.device:  # once: device objects, no sync
-            self.weight, self.bias, self.threshold = (
-                t.to(mean_code.device) for t in (self.weight, self.bias, self.threshold))
-        score = mean_code @ self.weight[:, row].float().T + self.bias[:, row]
-        self.total = score if self.total is None else self.total + score
-        mean = self.total / self.steps
-        now = mean >= self.threshold
-        self.found = now if self.found is None else self.found | now
-        self.best = mean if self.best is None else torch.maximum(self.best, mean)
+        self.readout = DetectorReadout(detectors, self.gated)
 
     def detection(self) -> dict[int, Tensor]:
         """Open-world mode: concept index -> [B] final detection score sigmoid(max running
         mean − τ), 0.5 at the threshold (for reporting); empty before any step or otherwise."""
-        if self.detectors is None or self.best is None:
+        p = self.readout.probability() if self.detectors is not None else None
+        if p is None:
             return {}
-        p = torch.sigmoid(self.best - self.threshold)
         return {c: p[:, i] for c, i in self.slot.items()}
 
     def update(self, values: Tensor, indices: Tensor, row: int) -> None:
@@ -99,10 +87,10 @@ class ConceptGate:
         self.steps += 1
         mean_code = mean_codes(values, indices, self.tables.num_latents)
         if self.detectors is not None:
-            self._update_detectors(mean_code, row)
+            self.readout.update(mean_code, row)
             return
-        for kind, members in self.groups.items():
-            evidence = self._evidence(mean_code, members, row)
+        for kind in self.groups:
+            evidence = self._evidence(mean_code, kind, row)
             prev = self.running.get(kind)
             self.running[kind] = evidence if prev is None else prev + evidence
         for c, a in self.anchors.items():
@@ -110,13 +98,22 @@ class ConceptGate:
             before = self.latched.get(c)
             self.latched[c] = now if before is None else now | (before & self._near(c, a))
 
-    def _evidence(self, mean_code: Tensor, members: list[int], row: int) -> Tensor:
+    def _slice_kind(self, members: list[int]) -> tuple[Tensor, Tensor | None]:
+        """A kind's (weights [M, steps, n], bias [M, steps] or None), sliced once when the
+        gate is made, so no step indexes with a Python list (an upload, a sync on GPU): the
+        probe's, or the concepts' unit-norm mean codes for the cosine."""
+        if self.probe is not None:
+            return self.probe.weight[members], self.probe.bias[members]
+        means = self.tables.means[members].float()
+        return torch.nn.functional.normalize(means, dim=2), None
+
+    def _evidence(self, mean_code: Tensor, kind: str, row: int) -> Tensor:
         """[B, len(members)] this step's evidence for each concept of a kind: the probe's
         scores, or the cosine between the mean code and each concept's mean."""
-        if self.probe is not None:
-            return self.probe.scores(mean_code, members, row)
-        mu = torch.nn.functional.normalize(self.tables.means[members, row].float(), dim=1)
-        return torch.nn.functional.normalize(mean_code, dim=1) @ mu.to(mean_code.device).T
+        weight, bias = self._weights[kind]
+        if bias is not None:
+            return mean_code @ weight[:, row].to(mean_code).T + bias[:, row].to(mean_code)
+        return torch.nn.functional.normalize(mean_code, dim=1) @ weight[:, row].to(mean_code).T
 
     def _near(self, concept_index: int, candidate: int) -> Tensor:
         """[B] bool: ``candidate``'s running sum is within ``concept_index``'s margin of the
@@ -131,9 +128,9 @@ class ConceptGate:
         latched, its anchor since the image was found with it); with detectors, the images
         whose running mean has reached the concept's threshold at some step."""
         if self.detectors is not None:
-            if self.found is None:
+            if self.readout.found is None:
                 raise RuntimeError("ConceptGate.present before any update: the gate has not "
                                    "seen a step yet")
-            return self.found[:, self.slot[concept_index]]
+            return self.readout.found[:, self.slot[concept_index]]
         latched = self.latched.get(concept_index)
         return latched if latched is not None else self._near(concept_index, concept_index)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor
 
+from steering.detector import DetectorReadout
 from steering.gate import ConceptGate
+from steering.gate_probe import mean_codes
 from steering.importance_tables import ImportanceTables
 from steering.plan import DetectionPlan, RowPlan, SteeringPlan
 from steering.sae import TopKSAE
@@ -131,23 +134,58 @@ class CaptureHook(ModelHook):
         return output
 
 
+@dataclass
+class EditStage:
+    """One stage of a step's edits: a plan and the gate that reads its input's codes."""
+
+    plan: SteeringPlan
+    gate: ConceptGate | None = None
+
+
 class SteeringHook(ModelHook):
     """Encodes the block's tokens with the SAE; detects on the cond half, then edits.
 
-    Detection reads the codes before any edit. The edit is error-preserving and applied to
-    both CFG halves (SAeUron) unless ``cond_only``. With no active edit the output is
-    returned untouched, so results stay bit-identical to the plain pipeline.
+    Edits come in up to two stages: the request's (``stages[0]``), then the ``final`` ones (a
+    content policy's always-on suppressions), which read the codes of what the first stage
+    produced — their gate sees the concept however the other edits brought it about. Each edit
+    is error-preserving and applied to both CFG halves (SAeUron) unless ``cond_only``. With no
+    active edit the output is returned untouched, so results stay bit-identical to the plain
+    pipeline, and only the cond half is encoded (detection reads nothing else).
+
+    Detection: with the bundle's detectors, ``before`` reads the codes each step starts from
+    (before any edit) and ``after`` the codes of the edited output (the final activations);
+    bundles without detectors report the sparse importance score (``detection``) instead.
     """
 
     def __init__(self, sae: TopKSAE, tables: ImportanceTables, tracker: StepTracker, cfg: bool,
-                 plan: SteeringPlan | None, detection: DetectionPlan | None,
-                 cond_only: bool = False, gate: ConceptGate | None = None) -> None:
+                 stages: Sequence[EditStage] = (), detection: DetectionPlan | None = None,
+                 cond_only: bool = False, before: DetectorReadout | None = None,
+                 after: DetectorReadout | None = None) -> None:
         super().__init__()
         self.sae, self.tables, self.tracker, self.cfg = sae, tables, tracker, cfg
-        self.plan, self.detection, self.cond_only = plan, detection, cond_only
-        self.gate = gate
+        self.stages = [s for s in stages if s.plan]
+        self.detection, self.cond_only = detection, cond_only
+        self.before, self.after = before, after
         self.detection_sum: Tensor | None = None
         self.detection_steps = 0
+
+    def _encode_cond(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes [B, tokens, k] of the cond half of block output x."""
+        xc = cond_half(x, self.cfg)
+        b, _, h, w = xc.shape
+        values, indices = self.sae.encode(to_tokens(xc))
+        return values.view(b, h * w, -1), indices.view(b, h * w, -1)
+
+    def _read(self, cv: Tensor, ci: Tensor, row: int, readout: DetectorReadout | None,
+              sparse: bool) -> None:
+        """Feed one step's cond-half codes to a detector readout (and, for the codes before
+        any edit, to the sparse detection score)."""
+        if readout is not None:
+            readout.update(mean_codes(cv, ci, self.tables.num_latents), row)
+        if sparse and self.detection is not None:
+            score = self.detection.score(cv, ci, row)
+            self.detection_sum = score if self.detection_sum is None else self.detection_sum + score
+            self.detection_steps += 1
 
     @torch.no_grad()
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -156,32 +194,39 @@ class SteeringHook(ModelHook):
         row = self.tracker.row
         if row is None:  # no precomputed schedule (tests, tools): look it up, a host sync
             row = self.tables.row_for_timestep(self.tracker.timestep)
-        values, indices = self.sae.encode(to_tokens(x))
-        n, _, h, w = x.shape
-        # The cond half's codes, [B, tokens, k] views: what detection and the gate read.
-        cv = cond_half(values.view(n, h * w, -1), self.cfg)
-        ci = cond_half(indices.view(n, h * w, -1), self.cfg)
-        if self.detection is not None:
-            score = self.detection.score(cv, ci, row)
-            self.detection_sum = score if self.detection_sum is None else self.detection_sum + score
-            self.detection_steps += 1
-        if not self.plan:
+        if not self.stages:
+            cv, ci = self._encode_cond(x)
+            self._read(cv, ci, row, self.before, sparse=True)
             return output
-        if self.gate is not None:
-            self.gate.update(cv, ci, row)
-        delta = self._delta(self.plan.row(row), values, indices, n)
-        if self.cond_only and self.cfg:
-            delta = delta.view(n, h * w, -1)
-            delta[: n // 2] = 0
-        return replace_output(output, x + from_tokens(delta, x).to(x.dtype))
+        n, _, h, w = x.shape
+        edited = x
+        for i, stage in enumerate(self.stages):
+            values, indices = self.sae.encode(to_tokens(edited))
+            # the cond half's codes, [B, tokens, k] views: what detection and the gate read
+            cv = cond_half(values.view(n, h * w, -1), self.cfg)
+            ci = cond_half(indices.view(n, h * w, -1), self.cfg)
+            if i == 0:
+                self._read(cv, ci, row, self.before, sparse=True)
+            if stage.gate is not None:
+                stage.gate.update(cv, ci, row)
+            delta = self._delta(stage, stage.plan.row(row), values, indices, n)
+            if self.cond_only and self.cfg:
+                delta = delta.view(n, h * w, -1)
+                delta[: n // 2] = 0
+            edited = edited + from_tokens(delta, x).to(x.dtype)
+        if self.after is not None:
+            cv, ci = self._encode_cond(edited)
+            self._read(cv, ci, row, self.after, sparse=False)
+        return replace_output(output, edited)
 
-    def _delta(self, row: RowPlan, values: Tensor, indices: Tensor, n: int) -> Tensor:
+    def _delta(self, stage: EditStage, row: RowPlan, values: Tensor, indices: Tensor, n: int
+               ) -> Tensor:
         """Sum of the row's edits [T, d_in]; a gated edit only on images where its concept is."""
         delta: Tensor | None = None
         for gate_concept, part in row.parts:
             d = part.delta(values, indices)
-            if gate_concept is not None and self.gate is not None:
-                keep = self.gate.present(gate_concept).to(d.dtype)
+            if gate_concept is not None and stage.gate is not None:
+                keep = stage.gate.present(gate_concept).to(d.dtype)
                 if self.cfg:
                     keep = torch.cat([keep, keep])  # both halves of a gated image
                 d = (d.view(n, -1, d.shape[-1]) * keep.view(n, 1, 1)).view(-1, d.shape[-1])
@@ -190,10 +235,21 @@ class SteeringHook(ModelHook):
         return delta
 
     def detection_scores(self) -> Tensor | None:
-        """Mean over steps of the per-image detection scores [B, C] (None before any step)."""
+        """Per-image detection scores [B, C] read before the edits: the detectors' (0.5 at
+        the calibrated threshold) or, without detectors, the sparse score's mean over steps
+        (None before any step)."""
+        if self.before is not None:
+            return self.before.probability()
         if self.detection_sum is None:
             return None
         return self.detection_sum / self.detection_steps
+
+    def detection_after_scores(self) -> Tensor | None:
+        """[B, C] the detectors read on the edited output; the scores before when nothing
+        was edited (None without detectors or before any step)."""
+        if self.after is not None and self.stages:
+            return self.after.probability()
+        return self.before.probability() if self.before is not None else None
 
 
 @contextmanager

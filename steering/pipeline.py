@@ -21,10 +21,18 @@ from PIL import Image
 
 from steering.bundle import SteeringBundle
 from steering.concepts import ConceptSpec
+from steering.detector import DetectorReadout
 from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.gate import ConceptGate
-from steering.hooks import CancelFlag, GenerationCanceled, SteeringHook, StepTracker, attached
+from steering.hooks import (
+    CancelFlag,
+    EditStage,
+    GenerationCanceled,
+    SteeringHook,
+    StepTracker,
+    attached,
+)
 from steering.plan import DetectionPlan, RowCache, SteeringPlan
 from steering.recipe import SteeringRecipe
 
@@ -78,8 +86,11 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     edits: list[ResolvedEdit]
+    # per image, concept -> score read before the edits (with detectors: 0.5 at the
+    # calibrated threshold) and, with detectors, read on the edited (final) activations
     detection: list[dict[str, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    detection_after: list[dict[str, float]] = field(default_factory=list)
 
 
 def ensure_ddim(pipe: StableDiffusionPipeline) -> None:
@@ -163,6 +174,21 @@ class SteeredPipeline:
             self._rows_of[key] = self.bundle.tables.rows_for_timesteps(timesteps)
         return timesteps, self._rows_of[key]
 
+    def _stage(self, edits: list[ResolvedEdit], recipe: SteeringRecipe, rows: Sequence[int]
+               ) -> EditStage:
+        """One stage of edits: its plan (rows built now, host work outside the hook) and, for
+        a gated recipe, a gate of its own reading the stage's input."""
+        assert self.bundle is not None
+        plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe,
+                            self.bundle.translations, cache=self.row_cache,
+                            scope=self.bundle.sha256, swap_dtype=self.pipe.unet.dtype)
+        plan.prepare(sorted(set(rows)))
+        margins = plan.gate_margins
+        gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors,
+                            self.bundle.gate_probe, self.bundle.detectors)
+                if margins else None)
+        return EditStage(plan, gate)
+
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None) -> GenerationResult:
         """Run one request; ``progress(step, total)`` after each step; stops with
@@ -192,17 +218,17 @@ class SteeredPipeline:
         if self.bundle is not None:
             assert rows is not None  # a bundle's schedule has its table rows
             recipe = request.recipe or self.bundle.manifest.recipe
-            plan = SteeringPlan(self.bundle.tables, self.sae.W_dec, edits, self._kinds, recipe,
-                                self.bundle.translations, cache=self.row_cache,
-                                scope=self.bundle.sha256, swap_dtype=self.pipe.unet.dtype)
-            plan.prepare(sorted(set(rows)))  # host work here, not in the hook
-            self._detection.prepare(sorted(set(rows)))
-            margins = plan.gate_margins
-            gate = (ConceptGate(self.bundle.tables, self._kinds, margins, plan.gate_anchors,
-                                self.bundle.gate_probe, self.bundle.detectors)
-                    if margins else None)
-            steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, plan or None,
-                                 self._detection, gate=gate)
+            stages = [self._stage([e for e in edits if e.final is final], recipe, rows)
+                      for final in (False, True)]
+            detectors = self.bundle.detectors
+            before = DetectorReadout(detectors) if detectors is not None else None
+            after = (DetectorReadout(detectors)
+                     if detectors is not None and any(s.plan for s in stages) else None)
+            if detectors is None:
+                self._detection.prepare(sorted(set(rows)))
+            steer = SteeringHook(self.sae, self.bundle.tables, tracker, cfg, stages,
+                                 None if detectors is not None else self._detection,
+                                 before=before, after=after)
             hooks.append((self.block, "steering", steer))
         size = self.default_size()
         device = self.pipe.device
@@ -222,11 +248,16 @@ class SteeredPipeline:
                 generator=generators,
                 callback_on_step_end=on_step_end,
             )
-        detection: list[dict[str, float]] = []
-        scores = steer.detection_scores() if steer is not None else None
-        if scores is not None:
-            names = list(self.concepts)
-            detection = [dict(zip(names, row.tolist(), strict=True)) for row in scores.cpu()]
+        names = list(self.concepts)
+
+        def rows_of(scores: torch.Tensor | None) -> list[dict[str, float]]:
+            if scores is None:
+                return []
+            return [dict(zip(names, row.tolist(), strict=True)) for row in scores.float().cpu()]
+
+        detection = rows_of(steer.detection_scores() if steer is not None else None)
+        detected_after = rows_of(steer.detection_after_scores() if steer is not None else None)
         return GenerationResult(
             images=out.images, seeds=request.seeds, edits=edits, detection=detection,
+            detection_after=detected_after,
             timings={"generate_s": time.perf_counter() - started})

@@ -71,7 +71,7 @@ def test_the_gate_latches_from_the_first_step_the_running_mean_reaches_tau():
         gate.update(values, indices, row=min(row, 1))
         seen.append(gate.present(0).tolist())
     assert seen == [[False, True], [True, True], [True, True]]  # kept once found
-    assert gate.best[:, 0].tolist() == pytest.approx([0.6, 1.0])
+    assert gate.readout.best[:, 0].tolist() == pytest.approx([0.6, 1.0])
     p = gate.detection()[0]
     assert p.tolist() == pytest.approx(torch.sigmoid(torch.tensor([0.1, 0.5])).tolist())
 

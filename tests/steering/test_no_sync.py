@@ -128,14 +128,6 @@ def test_second_request_makes_no_host_sync_in_any_hooked_call(toy, recorded):
     assert all(not rec.flagged for _, rec in first), [(h, r.flagged) for h, r in first]
     # The gate runs inside the steering hook; its ops are counted apart.
     gate_flagged = [(hook, rec.gate_flagged) for hook, rec in recorded if rec.gate_flagged]
-    if gate_flagged and steered.bundle.gate_probe is not None and all(
-            op == "aten.lift_fresh.default" for _, ops in gate_flagged for op in ops):
-        # KNOWN, NOT FIXED HERE: the gate's probe path (GateProbe.scores, reached from
-        # ConceptGate._evidence) indexes its weights with a Python list at every call, which
-        # makes a tensor from host data: an upload that synchronises on a GPU. The gate is
-        # being rewritten to be sync-free; then this branch is never taken and the assertion
-        # below holds. Anything else the gate syncs on fails the test.
-        pytest.xfail(f"the gate's probe uploads its member list every call: {gate_flagged}")
     assert not gate_flagged, gate_flagged
 
 

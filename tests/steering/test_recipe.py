@@ -11,7 +11,7 @@ import torch
 from steering.bundle import SteeringBundle
 from steering.edits import ConceptEdit, Direction, resolve_edits
 from steering.gate import ConceptGate
-from steering.hooks import SteeringHook, StepTracker, attached
+from steering.hooks import EditStage, SteeringHook, StepTracker, attached
 from steering.importance_tables import ImportanceTables
 from steering.manifest import BundleError, BundleManifest
 from steering.pipeline import GenerationRequest, SteeredPipeline
@@ -66,7 +66,7 @@ def run(sae, tables, edits, x, recipe, gate=True, kinds=KINDS):
     plan = SteeringPlan(tables, sae.W_dec.detach(), edits, kinds, recipe)
     concept_gate = (ConceptGate(tables, kinds, plan.gate_margins)
                     if gate and plan.gate_margins else None)
-    hook = SteeringHook(sae, tables, tracker, True, plan or None, None, gate=concept_gate)
+    hook = SteeringHook(sae, tables, tracker, True, [EditStage(plan, concept_gate)], None)
     with attached([(unet, "t", tracker), (unet.block, "s", hook)]), torch.no_grad():
         out = unet(x, torch.tensor(TIMESTEP))[0]
     return out, hook
@@ -139,7 +139,7 @@ def test_default_recipe_is_one_ungated_plain_part_matching_the_oracle(setup):
     assert gate is None and isinstance(part, RowEdit)
     x = torch.randn(4, D, 3, 3) * 2
     out, hook = run(sae, tables, edits, x, PLAIN)
-    assert hook.gate is None
+    assert all(stage.gate is None for stage in hook.stages)
     with torch.no_grad():
         torch.testing.assert_close(out, dense_oracle(sae, tables, edits, x, ROW),
                                    atol=1e-5, rtol=1e-5)
@@ -257,7 +257,7 @@ def test_gated_hook_edits_only_the_image_that_has_the_concept(setup, recipe):
     x = two_image_batch(sae, tables)
     edits = resolve_edits([ConceptEdit("red", 2.0, 50.0)], specs)
     out, hook = run(sae, tables, edits, x, recipe)
-    assert hook.gate.present(0).tolist() == [True, False]
+    assert hook.stages[0].gate.present(0).tolist() == [True, False]
     assert torch.equal(out[[1, 3]], x[[1, 3]])  # image 1, both CFG halves: untouched
     assert not torch.equal(out[0], x[0]) and not torch.equal(out[2], x[2])
     ungated, _ = run(sae, tables, edits, x, SteeringRecipe(recipe.name), gate=False)

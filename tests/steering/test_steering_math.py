@@ -6,7 +6,7 @@ from torch import nn
 
 from steering.concepts import ConceptSpec
 from steering.edits import ConceptEdit, resolve_edits
-from steering.hooks import SteeringHook, StepTracker, attached
+from steering.hooks import EditStage, SteeringHook, StepTracker, attached
 from steering.importance_tables import ImportanceTables
 from steering.plan import DetectionPlan, SteeringPlan, gather_latents
 from steering.sae import SaeConfig, TopKSAE
@@ -73,7 +73,7 @@ def run_hook(sae, tables, edits, x, timestep, detection=None, cond_only=False):
     unet = Unet()
     tracker = StepTracker()
     plan = SteeringPlan(tables, sae.W_dec.detach(), edits, KINDS)
-    hook = SteeringHook(sae, tables, tracker, True, plan or None, detection, cond_only)
+    hook = SteeringHook(sae, tables, tracker, True, [EditStage(plan)], detection, cond_only)
     with attached([(unet, "t", tracker), (unet.block, "s", hook)]), torch.no_grad():
         out = unet(x, torch.tensor(timestep))[0]
     return out, hook

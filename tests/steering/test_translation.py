@@ -7,7 +7,7 @@ import torch
 from steering.bundle import BUNDLE_FORMAT_VERSION, SteeringBundle
 from steering.edits import ConceptEdit, resolve_edits
 from steering.gate import ConceptGate
-from steering.hooks import SteeringHook, StepTracker, attached
+from steering.hooks import EditStage, SteeringHook, StepTracker, attached
 from steering.manifest import BundleError
 from steering.plan import RowReplace, RowTranslate, SteeringPlan
 from steering.recipe import GATED_TRANSLATE, SteeringRecipe
@@ -44,7 +44,7 @@ def run(sae, tables, edits, x, recipe, translations, gate=True):
     plan = SteeringPlan(tables, sae.W_dec.detach(), edits, KINDS, recipe, translations)
     concept_gate = (ConceptGate(tables, KINDS, plan.gate_margins)
                     if gate and plan.gate_margins else None)
-    hook = SteeringHook(sae, tables, tracker, True, plan or None, None, gate=concept_gate)
+    hook = SteeringHook(sae, tables, tracker, True, [EditStage(plan, concept_gate)], None)
     with attached([(unet, "t", tracker), (unet.block, "s", hook)]), torch.no_grad():
         out = unet(x, torch.tensor(TIMESTEP))[0]
     return out, hook, plan
@@ -91,7 +91,7 @@ def test_gated_translate_edits_only_the_image_that_has_the_concept(setup):
     x = recipe_tests.two_image_batch(sae, tables)
     edits = resolve_edits([ConceptEdit("red", 1.0)], specs)
     out, hook, _ = run(sae, tables, edits, x, GATED_TRANSLATE, tables_of(red=swap()))
-    assert hook.gate.present(0).tolist() == [True, False]
+    assert hook.stages[0].gate.present(0).tolist() == [True, False]
     assert torch.equal(out[[1, 3]], x[[1, 3]])  # image 1, both CFG halves: untouched
     assert not torch.equal(out[0], x[0]) and not torch.equal(out[2], x[2])
 
