@@ -1,10 +1,15 @@
 """Applying a content-safety policy (service.policy) to one generation.
 
-1. The policy's always-on suppressions come first in the edit list (a feature two edits select
-   takes the first one's edit), and the request's own edits of those concepts are dropped.
-2. Generate; every image gets a detection score per concept (DESIGN §3: read on the cond half
-   before any edit, ≈ 1 for a typical prompt of the concept, ≈ 0 when it is absent).
-3. Each detection rule: score below its threshold → no action; ``mark`` → the image is
+1. The policy's always-on suppressions are *final* edits: they run after the request's other
+   edits, gated on the activations those edits produced, so no other edit (e.g. a swap whose
+   counterfactual is the suppressed concept) carries the concept past them; the request's own
+   edits of those concepts are dropped.
+2. Generate; every image gets a detection score per concept read before the edits and, with
+   the bundle's detectors, on the final (edited) activations (0.5 = the detector's calibrated
+   threshold; bundles without detectors: the sparse score, ≈ 1 for a typical prompt of the
+   concept, ≈ 0 when it is absent).
+3. Each detection rule, applied to the final activations' scores (the scores before the edits
+   for bundles without detectors): score below its threshold → no action; ``mark`` → the image is
    returned, flagged; ``steer`` → that image is generated again (same seed) with the concept
    suppressed at the bundle's defaults, both scores reported; ``refuse`` → no image at all.
 """
@@ -37,12 +42,14 @@ def plan_edits(requested: list[ResolvedEdit], forced: list[ResolvedEdit]) -> Edi
     names = {e.spec.name for e in forced}
     kept = [e for e in requested if e.spec.name not in names]
     replaced = [e for e in requested if e.spec.name in names]
-    return EditPlan(list(forced) + kept, list(forced), replaced)
+    final = [replace(e, final=True) for e in forced]
+    return EditPlan(final + kept, final, replaced)
 
 
 def as_edits(resolved: list[ResolvedEdit]) -> list[ConceptEdit]:
     """Pipeline edits from resolved ones (every default already filled)."""
-    return [ConceptEdit(e.spec.name, e.gamma, e.percentile, e.direction) for e in resolved]
+    return [ConceptEdit(e.spec.name, e.gamma, e.percentile, e.direction, final=e.final)
+            for e in resolved]
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,19 @@ class Enforced:
 
     images: list[Image.Image]
     seeds: list[int]
-    detection: list[dict[str, float]]
+    detection: list[dict[str, float]]  # read before the edits
     edits: list[list[ResolvedEdit]]  # per image: the edits its returned image was made with
     report: dict[str, Any] | None = None
     refusal: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # read on the final activations (bundles with detectors; else empty)
+    detection_after: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final_detection(self) -> list[dict[str, float]]:
+        """What the returned images hold: the scores after the edits when the bundle reads
+        them, else the scores before."""
+        return self.detection_after or self.detection
 
 
 def _refusal(policy: Policy, seeds: list[int], checks: list[list[Check]]) -> str | None:
@@ -125,10 +140,11 @@ def generate(pipeline: SteeredPipeline, request: GenerationRequest, plan: EditPl
     request = replace(request, edits=as_edits(plan.applied))
     result = pipeline.generate(request, progress=progress, should_cancel=should_cancel)
     out = Enforced(list(result.images), list(result.seeds), list(result.detection),
-                   [plan.applied] * len(result.images), timings=dict(result.timings))
+                   [plan.applied] * len(result.images), timings=dict(result.timings),
+                   detection_after=list(result.detection_after))
     if policy is None:
         return out
-    checks = judge(policy, out.detection)
+    checks = judge(policy, out.final_detection)
     out.refusal = _refusal(policy, out.seeds, checks)
     if out.refusal is not None:
         out.images, out.edits = [], []
@@ -150,8 +166,10 @@ def _steer(pipeline: SteeredPipeline, request: GenerationRequest, plan: EditPlan
     again = pipeline.generate(replace(request, seed=out.seeds[i], n_images=1,
                                       edits=as_edits(edits)), should_cancel=should_cancel)
     out.images[i], out.detection[i], out.edits[i] = again.images[0], again.detection[0], edits
+    if out.detection_after:
+        out.detection_after[i] = again.detection_after[0]
     out.timings["steer_s"] = out.timings.get("steer_s", 0.0) + again.timings["generate_s"]
-    new, by_name = again.detection[0], {e.spec.name: e for e in forced}
+    new, by_name = (again.detection_after or again.detection)[0], {e.spec.name: e for e in forced}
     return [c if c.action != "steer" else replace(
                 c, steered_score=float(new[c.concept]),
                 reason=f"{c.reason} (γ {by_name[c.concept].gamma:g}, percentile "

@@ -75,13 +75,14 @@ class JobOutcome:
     status: str                                  # succeeded | canceled | failed
     images: list[dict[str, Any]] = field(default_factory=list)   # [{"id", "seed"}]
     seeds: list[int] = field(default_factory=list)
-    detection: list[dict[str, float]] = field(default_factory=list)
+    detection: list[dict[str, float]] = field(default_factory=list)  # before the edits
     parameters: dict[str, Any] = field(default_factory=dict)     # after defaults / policy
     provenance: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     error_code: str | None = None                # content_policy_violation when refused
     policy: dict[str, Any] | None = None         # the content policy's report (enforce.py)
+    detection_after: list[dict[str, float]] = field(default_factory=list)  # final activations
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

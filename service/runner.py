@@ -354,11 +354,12 @@ def _generate(job: Job, payload: dict[str, Any], rt: WorkerRuntime) -> JobOutcom
         return JobOutcome("failed", seeds=result.seeds, detection=result.detection,
                           parameters=parameters, provenance=provenance,
                           timings=dict(result.timings), error=result.refusal,
-                          error_code=CONTENT_POLICY_VIOLATION, policy=result.report)
+                          error_code=CONTENT_POLICY_VIOLATION, policy=result.report,
+                          detection_after=result.detection_after)
     return JobOutcome("succeeded", images=images, seeds=result.seeds,
                       detection=result.detection, parameters=parameters,
                       provenance=provenance, timings=dict(result.timings),
-                      policy=result.report)
+                      policy=result.report, detection_after=result.detection_after)
 
 
 def run_generation(payload: dict[str, Any]) -> dict[str, Any]:

@@ -154,7 +154,13 @@ class Generation(BaseModel):
                              "concept it is replaced with), scheduler, worker (once the job "
                              "ran)")
     detection: list[dict[str, float]] = Field(
-        default_factory=list, description="Per image: concept -> detection score")
+        default_factory=list, description="Per image: concept -> detection score, read before "
+        "the edits (bundles with detectors: 0.5 is the detector's calibrated threshold, set "
+        "for a stated false-positive rate)")
+    detection_after: list[dict[str, float]] = Field(
+        default_factory=list, description="Per image: concept -> detection score read on the "
+        "final, edited activations (bundles with detectors; empty otherwise). Policy rules "
+        "judge these")
     images: list[ImageOut] = Field(default_factory=list)
     error: str | None = None
     error_code: Literal["content_policy_violation"] | None = Field(

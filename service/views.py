@@ -49,6 +49,7 @@ def generation_view(record: GenerationRecord, images: ImageStore, base: str = ""
         parameters=(outcome.parameters if outcome and outcome.parameters else record.payload),
         provenance=outcome.provenance if outcome else {},
         detection=outcome.detection if outcome else [],
+        detection_after=outcome.detection_after if outcome else [],
         images=[ImageOut(id=im["id"], seed=im["seed"], url=images.signed_url(im["id"], base))
                 for im in (outcome.images if outcome else [])],
         error=record.error, error_code=outcome.error_code if outcome else None,

@@ -111,21 +111,26 @@ export class JobPanel {
       link.hidden = false;
       link.setAttribute("aria-label", `Download the ${label} image (PNG)`);
     }
-    this.showScores(view.detection?.[0] ?? {});
+    this.showScores(view.detection_after?.[0] ?? view.detection?.[0] ?? {},
+                    view.detection_after?.length ? view.detection?.[0] ?? {} : null);
   }
 
-  showScores(scores) {
+  // Scores of the returned image (read on the final activations when the bundle can) and,
+  // when they differ in kind, the scores read before the edits beside them.
+  showScores(scores, before) {
     const entries = Object.entries(scores).sort((a, b) => b[1] - a[1]);
     const details = this.q(".scores");
     details.hidden = !entries.length;
     if (!entries.length) return;
     this.q(".scores summary").textContent = `Detected: ${entries.slice(0, TOP_SCORES)
       .map(([name, score]) => `${name} ${formatNumber(score)}`).join(", ")}`;
+    this.q(".scores th.before").hidden = !before;
     this.q(".scores tbody").replaceChildren(...entries.map(([name, score]) => {
       const meter = el("span", { class: "meter", "aria-hidden": "true" });
       meter.style.setProperty("--score", Math.max(0, Math.min(1, score)));  // CSSOM: CSP-safe
-      return el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, meter,
-        formatNumber(score)));
+      const cells = [el("th", { scope: "row" }, name), el("td", {}, meter, formatNumber(score))];
+      if (before) cells.push(el("td", {}, formatNumber(before[name] ?? 0)));
+      return el("tr", {}, ...cells);
     }));
   }
 }

@@ -233,9 +233,11 @@ def test_below_threshold_nothing_happens_and_every_check_is_reported():
     assert (cross["score"], cross["threshold"], cross["rule"], cross["action"]) == (
         0.49, 0.5, "refuse", "none")
     assert cross["reason"] == "score 0.490 < threshold 0.5: no action"
-    # The always-on suppression was applied, first.
+    # The always-on suppression was applied as a final edit (after the request's others,
+    # gated on what they produced).
     assert pipe.calls[0].edits[0] == ConceptEdit("red", RED.default_gamma,
-                                                  RED.default_percentile, Direction.SUPPRESS)
+                                                  RED.default_percentile, Direction.SUPPRESS,
+                                                  final=True)
 
 
 def test_mark_flags_the_image_and_returns_it():
