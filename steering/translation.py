@@ -11,8 +11,9 @@ fitted by ridge regression on paired runs (same prompt and seed, c swapped for a
 seen while fitting are stored (``feature`` ids; id ``n_latents`` is the bias b), and each
 step's rows in a reduced rank, D_{c,t,j} = U_j · V_t with V_t [r, d_in] the directions the
 fitted edits span (r = 16 keeps the toy's swaps and makes the file 4× smaller): ``{c}.row``
-[R], ``{c}.feature`` [R], ``{c}.coef`` [R, r] (float16), ``{c}.basis`` [steps, r, d_in];
-anchors in the metadata.
+[R] (uint8), ``{c}.feature`` [R] (int16 below 32,768 latents), ``{c}.coef`` [R, r] (float16,
+or int8 with ``{c}.scale`` [R] float16), ``{c}.basis`` [steps, r, d_in] (float16); anchors in
+the metadata. Files of bundle formats 3–4 (int32 ids, float32 basis) load as well.
 """
 
 from __future__ import annotations
@@ -30,46 +31,123 @@ from torch import Tensor
 TRANSLATION_FILE = "translation.safetensors"
 
 
+def _index_dtype(largest: int) -> torch.dtype:
+    """The smallest integer dtype on disk for ids in [0, largest] (uint8, int16, else int32)."""
+    if largest <= 255:
+        return torch.uint8
+    return torch.int16 if largest <= 32767 else torch.int32
+
+
 @dataclass
 class ConceptTranslation:
     """The learned swap c → anchor: sparse rows (table row, feature) with their coefficients
-    on each row's basis of edit directions."""
+    on each row's basis of edit directions.
+
+    Coefficients are float16, or int8 with a float16 scale per entry (``scale`` [R];
+    :meth:`quantized`). The basis is kept at float16 precision (upcast to float32 here), so
+    the file stores it in float16 and reads back exactly what was saved."""
 
     anchor: str
     row: Tensor  # [R] long: importance-table row (denoising step)
     feature: Tensor  # [R] long: feature id, or n_latents for the bias
-    coef: Tensor  # [R, r] float16
-    basis: Tensor  # [steps, r, d_in] float32
+    coef: Tensor  # [R, r] float16, or int8 with ``scale``
+    basis: Tensor  # [steps, r, d_in] float32 holding float16 values
+    scale: Tensor | None = None  # [R] float16: coef_i = coef_int8_i · scale_i
 
     def __post_init__(self) -> None:
         self.row = self.row.detach().to(torch.int64)
         self.feature = self.feature.detach().to(torch.int64)
-        self.coef = self.coef.detach().to(torch.float16)
-        self.basis = self.basis.detach().to(torch.float32)
+        if self.scale is None:
+            self.coef = self.coef.detach().to(torch.float16)
+        else:
+            if self.coef.dtype != torch.int8:
+                raise ValueError(f"translation to {self.anchor!r}: coefficients with a scale "
+                                 f"must be int8, got {self.coef.dtype}; use quantized()")
+            self.scale = self.scale.detach().to(torch.float16)
+        self.basis = self.basis.detach().to(torch.float16).to(torch.float32)
         if not (self.row.ndim == self.feature.ndim == 1 and self.coef.ndim == 2
                 and self.basis.ndim == 3 and self.basis.shape[1] == self.coef.shape[1]
-                and len(self.row) == len(self.feature) == len(self.coef)):
+                and len(self.row) == len(self.feature) == len(self.coef)
+                and (self.scale is None or tuple(self.scale.shape) == (len(self.row),))):
             raise ValueError(f"translation to {self.anchor!r}: row {list(self.row.shape)}, "
                              f"feature {list(self.feature.shape)}, coef "
-                             f"{list(self.coef.shape)} and basis {list(self.basis.shape)} must "
-                             "be [R], [R], [R, r], [steps, r, d_in]")
+                             f"{list(self.coef.shape)}, basis {list(self.basis.shape)} and "
+                             "scale must be [R], [R], [R, r], [steps, r, d_in] and [R]")
 
     @property
     def d_in(self) -> int:
         """Width of the edits (the SAE's d_in)."""
         return int(self.basis.shape[2])
 
-    def at(self, r: int, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(features [m], deltas [m, d_in], bias [d_in]) of table row r (zero bias if none).
+    def coefficients(self, select: Tensor | slice = slice(None)) -> Tensor:
+        """Float32 coefficients [.., r] of the selected entries (int8 ones times their scale)."""
+        coef = self.coef[select].float()
+        return coef if self.scale is None else coef * self.scale[select].float()[:, None]
+
+    def factors(self, r: int, n_latents: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(features [m], coefficients [m, rank], basis [rank, d_in], bias [d_in]) of table
+        row r (zero bias if none): the row's deltas are coefficients @ basis.
 
         Selecting the row's entries sizes tensors by the data (a host sync on a GPU): call it
         when building a plan, never per step (steering/plan.py caches what it returns)."""
         here = torch.nonzero(self.row == r).flatten()
         feats = self.feature[here]
         is_bias = feats == n_latents
-        keep = torch.nonzero(~is_bias).flatten()
-        bias = (self.coef[here[is_bias]].float() @ self.basis[r]).sum(0)  # empty sum: zeros
-        return feats[keep], self.coef[here[keep]].float() @ self.basis[r], bias
+        keep = here[torch.nonzero(~is_bias).flatten()]
+        bias = (self.coefficients(here[is_bias]) @ self.basis[r]).sum(0)  # empty sum: zeros
+        return self.feature[keep], self.coefficients(keep), self.basis[r], bias
+
+    def at(self, r: int, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(features [m], deltas [m, d_in], bias [d_in]) of table row r, deltas materialised
+        from :meth:`factors` (for fitting and checks; serving keeps them factored)."""
+        feats, coef, basis, bias = self.factors(r, n_latents)
+        return feats, coef @ basis, bias
+
+    def quantized(self) -> ConceptTranslation:
+        """The same swap with int8 coefficients and a float16 scale per entry (half the
+        coefficient bytes; each entry keeps ~1/254 of its largest coefficient's precision)."""
+        if self.scale is not None:
+            return self
+        coef = self.coef.float()
+        scale = (coef.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
+        q = torch.round(coef / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return ConceptTranslation(self.anchor, self.row, self.feature, q, self.basis, scale)
+
+    def contributions(self, n_latents: int, weight: Tensor | None = None) -> Tensor:
+        """Per entry [R]: ‖coef_i @ basis[row_i]‖ times ``weight[row_i, feature_i]`` when given
+        (e.g. the feature's mean activation at that step, [steps, n]): the size of what the
+        entry adds to a token. Bias entries (feature n_latents) get +inf."""
+        size = torch.empty(len(self.row))
+        for r in torch.unique(self.row).tolist():
+            here = torch.nonzero(self.row == r).flatten()
+            coef = self.coefficients(here)
+            gram = self.basis[r] @ self.basis[r].T  # ‖u V‖² = u (V Vᵀ) uᵀ, no [m, d_in]
+            size[here] = ((coef @ gram) * coef).sum(-1).clamp_min(0).sqrt()
+        is_bias = self.feature == n_latents
+        if weight is not None:
+            w = weight[self.row, self.feature.clamp(max=n_latents - 1)].float()
+            size = size * w
+        return torch.where(is_bias, torch.inf, size)
+
+    def pruned(self, mass: float, n_latents: int,
+               weight: Tensor | None = None) -> ConceptTranslation:
+        """The entries that carry ``mass`` (0–1] of each step's summed :meth:`contributions`,
+        largest first; the bias entries always stay."""
+        if not 0 < mass <= 1:
+            raise ValueError(f"pruning mass must be in (0, 1], got {mass}")
+        size = self.contributions(n_latents, weight)
+        keep = torch.isinf(size)
+        for r in torch.unique(self.row).tolist():
+            here = torch.nonzero((self.row == r) & ~keep).flatten()
+            if not len(here):
+                continue
+            s, order = torch.sort(size[here], descending=True)
+            cum = torch.cumsum(s.double(), 0)
+            n_keep = int(torch.searchsorted(cum, mass * cum[-1])) + 1
+            keep[here[order[:n_keep]]] = True
+        idx = torch.nonzero(keep).flatten()
+        return ConceptTranslation(self.anchor, self.row[idx], self.feature[idx], self.coef[idx],
+                                  self.basis, None if self.scale is None else self.scale[idx])
 
 
 @dataclass
@@ -112,18 +190,36 @@ class TranslationTables:
     def to(self, device: str | torch.device) -> TranslationTables:
         """The same tables on ``device``."""
         moved = {c: ConceptTranslation(t.anchor, t.row.to(device), t.feature.to(device),
-                                       t.coef.to(device), t.basis.to(device))
+                                       t.coef.to(device), t.basis.to(device),
+                                       None if t.scale is None else t.scale.to(device))
                  for c, t in self.concepts.items()}
         return TranslationTables(self.n_latents, self.d_in, self.num_steps, moved)
 
+    def quantized(self) -> TranslationTables:
+        """The same tables with int8 coefficients (see :meth:`ConceptTranslation.quantized`)."""
+        return TranslationTables(self.n_latents, self.d_in, self.num_steps,
+                                 {c: t.quantized() for c, t in self.concepts.items()})
+
+    def pruned(self, mass: float, weight: Tensor | None = None) -> TranslationTables:
+        """The same tables keeping the entries that carry ``mass`` of each step's
+        contributions (see :meth:`ConceptTranslation.pruned`)."""
+        return TranslationTables(self.n_latents, self.d_in, self.num_steps,
+                                 {c: t.pruned(mass, self.n_latents, weight)
+                                  for c, t in self.concepts.items()})
+
     def save(self, path: str | Path) -> None:
-        """One safetensors file; sizes and anchors in its metadata."""
+        """One safetensors file, compact and exact: ids in the smallest integer type that
+        holds them (rows uint8, features int16 below 32,768 latents), the basis in float16
+        (the precision it is kept at), coefficients as held; sizes and anchors in metadata."""
         tensors: dict[str, Tensor] = {}
+        row_dtype, feature_dtype = _index_dtype(self.num_steps - 1), _index_dtype(self.n_latents)
         for c, t in self.concepts.items():
-            tensors[f"{c}.row"] = t.row.to(torch.int32).contiguous().cpu()  # int64 in RAM
-            tensors[f"{c}.feature"] = t.feature.to(torch.int32).contiguous().cpu()
+            tensors[f"{c}.row"] = t.row.to(row_dtype).contiguous().cpu()  # int64 in RAM
+            tensors[f"{c}.feature"] = t.feature.to(feature_dtype).contiguous().cpu()
             tensors[f"{c}.coef"] = t.coef.contiguous().cpu()
-            tensors[f"{c}.basis"] = t.basis.contiguous().cpu()
+            tensors[f"{c}.basis"] = t.basis.to(torch.float16).contiguous().cpu()
+            if t.scale is not None:
+                tensors[f"{c}.scale"] = t.scale.contiguous().cpu()
         meta = {"anchors": json.dumps({c: t.anchor for c, t in self.concepts.items()}),
                 "n_latents": str(self.n_latents), "d_in": str(self.d_in),
                 "num_steps": str(self.num_steps)}
@@ -131,7 +227,8 @@ class TranslationTables:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TranslationTables:
-        """Read a file written by ``save``, naming what is missing or mis-shaped."""
+        """Read a file written by ``save`` (any format: int32 ids and a float32 basis before
+        bundle format 5), naming what is missing or mis-shaped."""
         path = Path(path)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -151,5 +248,10 @@ class TranslationTables:
                 if missing:
                     raise ValueError(f"{path.name}: missing tensor(s) {missing}")
                 row, feature, coef, basis = (f.get_tensor(p).to(device) for p in parts)
-                concepts[c] = ConceptTranslation(str(anchor), row, feature, coef, basis)
+                scale = f.get_tensor(f"{c}.scale").to(device) if f"{c}.scale" in keys else None
+                if (coef.dtype == torch.int8) != (scale is not None):
+                    raise ValueError(f"{path.name}: {c}.coef is {coef.dtype} and {c}.scale is "
+                                     f"{'present' if scale is not None else 'missing'}; int8 "
+                                     "coefficients need their scale (re-save the swaps)")
+                concepts[c] = ConceptTranslation(str(anchor), row, feature, coef, basis, scale)
         return cls(*sizes, concepts=concepts)

@@ -13,10 +13,14 @@ from steering.edits import ConceptEdit
 from steering.hooks import GenerationCanceled, active_hook_names
 from steering.pipeline import GenerationRequest, SteeredPipeline
 from steering.plan import PLAN_CACHE_ENV, RowCache, RowTranslate, SteeringPlan
+from steering.recipes.plain import PlainRecipe
+from steering.recipes.replace import ReplaceRecipe
+from steering.recipes.translate import TranslateRecipe
 from tests.conftest import ASSETS
 
 EDITS = [ConceptEdit("red"), ConceptEdit("circle"), ConceptEdit.parse("+striped:2")]
-BUILDERS = ("_translate", "_replace", "_row_edit")
+# each recipe's row builder (steering/recipes/), under the names the counts are kept by
+BUILDERS = {"_translate": TranslateRecipe, "_replace": ReplaceRecipe, "_row_edit": PlainRecipe}
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +32,14 @@ def toy() -> SteeredPipeline:
 def builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Calls of each SteeringPlan row builder."""
     counts = dict.fromkeys(BUILDERS, 0)
-    for name in BUILDERS:
-        original = getattr(SteeringPlan, name)
+    for name, recipe in BUILDERS.items():
+        original = recipe.build
 
         def counted(self, *args, _name=name, _original=original):
             counts[_name] += 1
             return _original(self, *args)
 
-        monkeypatch.setattr(SteeringPlan, name, counted)
+        monkeypatch.setattr(recipe, "build", counted)
     return counts
 
 
