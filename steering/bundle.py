@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from steering.concepts import ConceptSpec
 from steering.detector import DETECTORS_FILE, ConceptDetectors
@@ -37,6 +38,7 @@ from steering.manifest import (  # re-exported: the bundle format's public names
 )
 from steering.recipe import PLAIN, SteeringRecipe
 from steering.sae import CFG_FILE, WEIGHTS_FILE, TopKSAE
+from steering.schema import explain
 from steering.translation import TRANSLATION_FILE, TranslationTables
 
 IMPORTANCE_FILE = "importance.safetensors"
@@ -100,8 +102,10 @@ class SteeringBundle:
         command: str,
         hook_point: str = HOOK_POINT,
         recipe: SteeringRecipe = PLAIN,
+        closed_kinds: Sequence[str] = (),
     ) -> SteeringBundle:
-        """Assemble a bundle and its manifest (steps = table rows; checksums filled by save)."""
+        """Assemble a bundle and its manifest (steps = table rows; checksums filled by save);
+        ``closed_kinds`` are kinds whose concepts cover every image (one each)."""
         concepts = list(concepts)
         names = [c.name for c in concepts]
         if names != list(tables.concepts):
@@ -114,21 +118,25 @@ class SteeringBundle:
                 f"importance tables have n={tables.num_latents} features but the SAE has "
                 f"n_latents={sae.num_latents}"
             )
-        manifest = BundleManifest(
-            format_version=BUNDLE_FORMAT_VERSION,
-            pipeline_fingerprint=pipeline_fingerprint,
-            hook_point=hook_point,
-            d_in=sae.d_in,
-            n_latents=sae.num_latents,
-            k=sae.k,
-            scheduler=scheduler_description(scheduler),
-            steps=tables.num_steps,
-            concepts=concepts,
-            files={},
-            command=command,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            recipe=recipe,
-        )
+        try:
+            manifest = BundleManifest(
+                format_version=BUNDLE_FORMAT_VERSION,
+                pipeline_fingerprint=pipeline_fingerprint,
+                hook_point=hook_point,
+                d_in=sae.d_in,
+                n_latents=sae.num_latents,
+                k=sae.k,
+                scheduler=scheduler_description(scheduler),
+                steps=tables.num_steps,
+                concepts=concepts,
+                files={},
+                command=command,
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                recipe=recipe,
+                closed_kinds=list(closed_kinds),
+            )
+        except ValidationError as e:
+            raise BundleError(explain(e, MANIFEST_FILE)) from None
         return cls(manifest=manifest, sae=sae, tables=tables)
 
     def save(self, directory: str | Path) -> None:

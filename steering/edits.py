@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from steering.concepts import ConceptSpec
+from steering.manifest import BundleManifest
 
 
 class Direction(StrEnum):
@@ -102,3 +104,14 @@ def resolve_edits(edits: list[ConceptEdit], concepts: dict[str, ConceptSpec]) ->
         resolved.append(ResolvedEdit(spec, gamma, pct, Direction(edit.direction), margin,
                                      bool(edit.final)))
     return resolved
+
+
+def check_closed_kinds(suppressed: Iterable[str], manifest: BundleManifest) -> None:
+    """Refuse suppressing every concept of a closed kind: nothing would be left to swap to."""
+    gone = set(suppressed)
+    for kind in manifest.closed_kinds:
+        names = [c.name for c in manifest.concepts if c.kind == kind]
+        if names and gone.issuperset(names):
+            raise EditError("concepts", f"kind {kind!r} is closed: every image has one of "
+                            f"{', '.join(names)}; suppressing all of them leaves no "
+                            "counterfactual to swap to — keep at least one")

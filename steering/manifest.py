@@ -7,17 +7,27 @@ bundle's concepts (the API gateway, ``steer policy check``) reads them without l
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from steering.concepts import ConceptSpec
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
+
+from steering.concepts import ConceptSpec, NonBlank
 from steering.recipe import PLAIN, SteeringRecipe
+from steering.schema import SpecModel, explain
 
 # 2 adds ``recipe`` (steering/recipe.py); a version-1 bundle loads with the plain recipe.
 # 3 adds the optional learned swaps, translation.safetensors (steering/translation.py).
 # 4 adds the optional detection probe, gate_probe.safetensors (steering/gate_probe.py).
 # 5 adds the optional open-world concept detectors, detectors.safetensors
-#   (steering/detector.py).
+#   (steering/detector.py), and ``closed_kinds`` (steering/edits.py check_closed_kinds).
 BUNDLE_FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 
@@ -40,93 +50,74 @@ def scheduler_description(scheduler: Any) -> dict[str, Any]:
     return json.loads(json.dumps(desc, sort_keys=True, default=str))
 
 
-@dataclass
-class BundleManifest:
-    """Contents of manifest.json: what the bundle is for and the checksum of every file."""
+def _supported(version: int) -> int:
+    """Refuse a bundle written by a newer sae-steering (its fields may mean more)."""
+    if version > BUNDLE_FORMAT_VERSION:
+        raise ValueError(f"bundle format_version {version} is newer than this sae-steering "
+                         f"supports ({BUNDLE_FORMAT_VERSION}); upgrade sae-steering")
+    return version
 
-    format_version: int
+
+FIX = "correct manifest.json or re-export the bundle (`steer export`)"
+
+
+class BundleManifest(SpecModel):
+    """Contents of manifest.json: what the bundle is for and the checksum of every file.
+
+    Fields are written in declaration order (the bytes are checksummed as the bundle's id);
+    fields newer than format 1 have defaults, so older manifests load, and are left out of
+    the JSON while unset."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    format_version: Annotated[int, Field(strict=True, ge=1), AfterValidator(_supported)]
     pipeline_fingerprint: str
     hook_point: str
-    d_in: int
-    n_latents: int
-    k: int
+    d_in: PositiveInt
+    n_latents: PositiveInt
+    k: PositiveInt
     scheduler: dict[str, Any]
-    steps: int
+    steps: PositiveInt
     concepts: list[ConceptSpec]
-    files: dict[str, str]
+    files: dict[str, str]  # file name -> sha256 hex
     command: str
     created: str
-    recipe: SteeringRecipe = PLAIN
+    recipe: SteeringRecipe = PLAIN  # format 2
+    # format 5: kinds in which every image holds exactly one concept (steering.edits)
+    closed_kinds: list[NonBlank] = Field(default_factory=list, exclude_if=lambda v: not v)
+
+    @field_serializer("files")
+    def _sorted_files(self, files: dict[str, str]) -> dict[str, str]:
+        """Files in name order, so the same bundle always writes the same bytes."""
+        return dict(sorted(files.items()))
+
+    @model_validator(mode="after")
+    def _closed_kinds_exist(self) -> BundleManifest:
+        """Every closed kind must be a kind of the bundle's concepts."""
+        kinds = list(dict.fromkeys(c.kind for c in self.concepts))
+        stray = [k for k in self.closed_kinds if k not in kinds]
+        if stray:
+            raise ValueError(f"closed_kinds names {stray}, which no concept has; the bundle's "
+                             f"kinds are {', '.join(kinds) or '(none)'}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in a fixed key order."""
-        return {
-            "format_version": self.format_version,
-            "pipeline_fingerprint": self.pipeline_fingerprint,
-            "hook_point": self.hook_point,
-            "d_in": self.d_in,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "concepts": [c.to_dict() for c in self.concepts],
-            "files": dict(sorted(self.files.items())),
-            "command": self.command,
-            "created": self.created,
-            "recipe": self.recipe.to_dict(),
-        }
+        return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         """Serialise as indented JSON (the exact bytes written to manifest.json)."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BundleManifest:
-        """Parse a manifest dict, raising BundleError for a missing field or bad concept."""
+    def from_dict(cls, d: Any) -> BundleManifest:
+        """Parse a manifest dict; BundleError names the field and what to do."""
         if not isinstance(d, dict):
             raise BundleError(f"{MANIFEST_FILE}: expected a JSON object")
-        version = d.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise BundleError(f"{MANIFEST_FILE}: format_version must be a positive integer")
-        if version > BUNDLE_FORMAT_VERSION:
-            raise BundleError(
-                f"{MANIFEST_FILE}: bundle format_version {version} is newer than this "
-                f"sae-steering supports ({BUNDLE_FORMAT_VERSION}); upgrade sae-steering"
-            )
-        required = (
-            "pipeline_fingerprint", "hook_point", "d_in", "n_latents", "k", "scheduler",
-            "steps", "concepts", "files", "command", "created",
-        )  # fmt: skip
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise BundleError(f"{MANIFEST_FILE}: missing field(s) {missing}")
         try:
-            concepts = [ConceptSpec.from_dict(c) for c in d["concepts"]]
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{MANIFEST_FILE}: bad concept entry: {e}") from e
-        files = d["files"]
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise BundleError(f"{MANIFEST_FILE}: files must map file names to sha256 strings")
-        try:
-            return cls(
-                format_version=version,
-                pipeline_fingerprint=str(d["pipeline_fingerprint"]),
-                hook_point=str(d["hook_point"]),
-                d_in=int(d["d_in"]),
-                n_latents=int(d["n_latents"]),
-                k=int(d["k"]),
-                scheduler=dict(d["scheduler"]),
-                steps=int(d["steps"]),
-                concepts=concepts,
-                files=dict(files),
-                command=str(d["command"]),
-                created=str(d["created"]),
-                recipe=SteeringRecipe.from_dict(d.get("recipe", {})),
-            )
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{MANIFEST_FILE}: bad field value: {e}") from e
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise BundleError(explain(e, MANIFEST_FILE, FIX)) from None
 
     @classmethod
     def from_json(cls, text: str) -> BundleManifest:

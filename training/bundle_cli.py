@@ -155,14 +155,17 @@ def export(
     gamma: float | None = typer.Option(None, help="Default γ for every concept."),
     gamma_range: tuple[float, float] | None = typer.Option(None, help="γ range LO HI."),
     percentile: float | None = typer.Option(None, help="Default feature percentile."),
+    closed_kind: list[str] = typer.Option(
+        [], "--closed-kind", help="A kind in which every image holds exactly one concept "
+        "(e.g. colour); suppressing all of its concepts is then refused. Repeatable."),
 ) -> None:
-    """Write a steering bundle (DESIGN §5) from an SAE and its importance tables."""
+    """Write a steering bundle (manifest, SAE, importance tables) from an SAE and its tables."""
     from training.export import export_bundle
 
     with _user_errors():
         bundle = export_bundle(sae, importance, store, out,
                                _spec(concepts, gamma, gamma_range, percentile),
-                               command=_command())
+                               command=_command(), closed_kinds=closed_kind)
     typer.echo(f"wrote bundle {out}: {len(bundle.concept_names)} concepts, "
                f"{bundle.manifest.steps} steps, n={bundle.manifest.n_latents}")
 
@@ -200,8 +203,6 @@ def bundle_fit_swap(
     """Learn the swap concept → anchor from paired runs and make the bundle's recipe the gated
     translate recipe (format 3; concepts without a swap keep replacement). The concept's
     default γ becomes 1 (the swap as fitted)."""
-    import dataclasses
-
     import torch
     from tqdm import tqdm
 
@@ -261,7 +262,7 @@ def bundle_fit_swap(
                                            {**have, concept: swap}).to("cpu")
         m.recipe = GATED_TRANSLATE
         lo, hi = spec.gamma_range
-        m.concepts = [dataclasses.replace(c, default_gamma=min(max(1.0, lo), hi))
+        m.concepts = [c.replace(default_gamma=min(max(1.0, lo), hi))
                       if c.name == concept else c for c in m.concepts]
         b.save(bundle)
     typer.echo(f"added the learned swap {concept} → {label} ({len(chosen)} prompt pairs, "

@@ -1,4 +1,5 @@
-"""Build steering bundles (DESIGN §5): from SAE + importance tables, and by adding a concept.
+"""Build steering bundles (docs/serving.md): from SAE + importance tables, and by adding a
+concept.
 
 Concept defaults come from a spec file (JSON or TOML) layered as built-in < ``defaults`` <
 ``kinds.<kind>`` < ``concepts.<name>``::
@@ -21,11 +22,11 @@ import shutil
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import Tensor
 
 from steering.bundle import MANIFEST_FILE, BundleError, SteeringBundle
@@ -34,6 +35,7 @@ from steering.fingerprint import pipeline_fingerprint
 from steering.importance_tables import ImportanceTables
 from steering.recipe import GATED_REPLACE, SteeringRecipe
 from steering.sae import TopKSAE
+from steering.schema import explain
 from training.activations.prompts import PromptRecord, concept_kinds, load_prompts
 from training.activations.store import ActivationStore
 from training.importance import accumulate_codes, score_from_means
@@ -42,6 +44,15 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "default_gamma": 5.0, "gamma_range": (0.5, 50.0), "default_percentile": 99.0,
 }
 _FIELDS = tuple(BUILTIN_DEFAULTS)
+
+ConceptDefaults = create_model(
+    "ConceptDefaults", __config__=ConfigDict(extra="forbid", frozen=True),
+    **{f: (ConceptSpec.model_fields[f].annotation | None, None) for f in _FIELDS})
+"""One defaults table: a subset of ConceptSpec's fields with the same types (ranges are
+checked when the ConceptSpec is built, so they are declared there only)."""
+
+_SPEC_FIX = (f"a table takes only {', '.join(_FIELDS)}, under defaults, kinds.KIND or "
+             "concepts.NAME")
 
 
 def current_command() -> str:
@@ -52,29 +63,22 @@ def current_command() -> str:
 # -- concept defaults ------------------------------------------------------------------------
 
 
-@dataclass
-class ConceptsSpec:
+class ConceptsSpec(BaseModel):
     """Steering defaults: global ``defaults``, then per-kind, then per-concept overrides."""
 
-    defaults: dict[str, Any] = field(default_factory=dict)
-    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
-    concepts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defaults: ConceptDefaults = ConceptDefaults()  # type: ignore[valid-type]
+    kinds: dict[str, ConceptDefaults] = {}  # type: ignore[valid-type]
+    concepts: dict[str, ConceptDefaults] = {}  # type: ignore[valid-type]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "concepts spec") -> ConceptsSpec:
         """Parse {"defaults": {...}, "kinds": {kind: {...}}, "concepts": {name: {...}}}."""
-        unknown = set(d) - {"defaults", "kinds", "concepts"}
-        if unknown:
-            raise ValueError(f"{where}: unknown section(s) {sorted(unknown)}; use defaults, "
-                             "kinds, concepts")
-        spec = cls(_entry(d.get("defaults", {}), f"{where} [defaults]"))
-        for section in ("kinds", "concepts"):
-            table = d.get(section, {})
-            if not isinstance(table, Mapping):
-                raise ValueError(f"{where}: [{section}] must map names to tables")
-            getattr(spec, section).update(
-                {k: _entry(v, f"{where} [{section}.{k}]") for k, v in table.items()})
-        return spec
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise ValueError(explain(e, where, _SPEC_FIX)) from None
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptsSpec:
@@ -93,19 +97,19 @@ class ConceptsSpec:
 
     def with_defaults(self, **overrides: Any) -> ConceptsSpec:
         """A copy whose global defaults take the given non-None values (CLI options)."""
-        given = _entry({k: v for k, v in overrides.items() if v is not None}, "options")
-        return ConceptsSpec({**self.defaults, **given}, dict(self.kinds), dict(self.concepts))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return ConceptsSpec.from_dict({**self.model_dump(exclude_none=True),
+                                       "defaults": {**_set(self.defaults), **given}}, "options")
 
     def spec_for(self, name: str, kind: str, base: Mapping[str, Any] | None = None
                  ) -> ConceptSpec:
         """The ConceptSpec of one concept; ``base`` replaces the built-in defaults."""
-        merged = {**BUILTIN_DEFAULTS, **(base or {}), **self.defaults,
-                  **self.kinds.get(kind, {}), **self.concepts.get(name, {})}
+        merged = {**BUILTIN_DEFAULTS, **(base or {}), **_set(self.defaults),
+                  **_set(self.kinds.get(kind)), **_set(self.concepts.get(name))}
         try:
-            return ConceptSpec(name, kind, merged["default_gamma"], tuple(merged["gamma_range"]),
-                               merged["default_percentile"])
-        except ValueError as e:
-            raise ValueError(f"concepts spec: {e}") from e
+            return ConceptSpec.model_validate({"name": name, "kind": kind, **merged})
+        except ValidationError as e:
+            raise ValueError(explain(e, f"concepts spec (concept {name!r})")) from None
 
     def resolve(self, names: Sequence[str], kinds: Mapping[str, str]) -> list[ConceptSpec]:
         """Specs for ``names`` (in order); spec entries naming unknown concepts/kinds fail."""
@@ -117,21 +121,9 @@ class ConceptsSpec:
         return [self.spec_for(n, kinds[n]) for n in names]
 
 
-def _entry(d: Any, where: str) -> dict[str, Any]:
-    """One defaults table, checked: only default_gamma, gamma_range, default_percentile."""
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a table of {', '.join(_FIELDS)}")
-    unknown = set(d) - set(_FIELDS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
-                         f"{', '.join(_FIELDS)}")
-    out = dict(d)
-    if "gamma_range" in out:
-        rng = out["gamma_range"]
-        if not isinstance(rng, Sequence) or isinstance(rng, str) or len(rng) != 2:
-            raise ValueError(f"{where}: gamma_range must be [lo, hi], got {rng!r}")
-        out["gamma_range"] = (float(rng[0]), float(rng[1]))
-    return out
+def _set(table: BaseModel | None) -> dict[str, Any]:
+    """The fields a defaults table sets (None: the table is absent)."""
+    return {} if table is None else table.model_dump(exclude_none=True)
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -140,13 +132,15 @@ def _entry(d: Any, where: str) -> dict[str, Any]:
 def export_bundle(
     sae_dir: str | Path, tables_path: str | Path, store_dir: str | Path, out: str | Path,
     spec: ConceptsSpec | None = None, command: str | None = None,
-    recipe: SteeringRecipe = GATED_REPLACE,
+    recipe: SteeringRecipe = GATED_REPLACE, closed_kinds: Sequence[str] = (),
 ) -> SteeringBundle:
     """Write a bundle from an SAE folder, importance tables and the store they came from.
 
     The store's manifest gives the pipeline fingerprint, scheduler and hook point; its prompt
     file gives each concept's kind. New bundles use this project's recipe (gated
     replacement, docs/steering-method.md); `steer eval --write-defaults` tunes its defaults.
+    ``closed_kinds`` are kinds in which every image holds exactly one concept (the manifest's
+    ``closed_kinds``: suppressing all of such a kind is refused).
     """
     sae = TopKSAE.from_pretrained(sae_dir)
     tables = ImportanceTables.load(tables_path)
@@ -167,7 +161,7 @@ def export_bundle(
     specs = (spec or ConceptsSpec()).resolve(tables.concepts, kinds)
     bundle = SteeringBundle.create(sae, tables, specs, m.pipeline_fingerprint, m.scheduler,
                                    command or current_command(), hook_point=m.hook_point,
-                                   recipe=recipe)
+                                   recipe=recipe, closed_kinds=closed_kinds)
     save_bundle(bundle, out)
     return bundle
 
@@ -249,7 +243,7 @@ def add_concept(
     new = SteeringBundle.create(
         bundle.sae, tables, [*m.concepts, new_spec], m.pipeline_fingerprint, m.scheduler,
         f"{m.command} && {command or current_command()}", hook_point=m.hook_point,
-        recipe=m.recipe)
+        recipe=m.recipe, closed_kinds=m.closed_kinds)
     save_bundle(new, out)
     return new
 

@@ -249,7 +249,7 @@ def adopt(bundle: SteeringBundle, report: Mapping[str, Any]) -> None:
     if not lo <= chosen["gamma"] <= hi:
         raise ValueError(f"chosen γ {chosen['gamma']:g} is outside {concept!r}'s range "
                          f"[{lo:g}, {hi:g}]; tune within it (--gammas)")
-    m.concepts = [dataclasses.replace(c, default_gamma=float(chosen["gamma"]))
+    m.concepts = [c.replace(default_gamma=float(chosen["gamma"]))
                   if c.name == concept else c for c in m.concepts]
     m.recipe = GATED_TRANSLATE
 

@@ -232,7 +232,7 @@ def test_latch_is_in_the_manifest_only_when_set():
                                                                  "gate": True}
     latching = SteeringRecipe("translate", gate=True, latch=True)
     assert SteeringRecipe.from_dict(latching.to_dict()) == latching
-    with pytest.raises(ValueError, match="latch must be true or false"):
+    with pytest.raises(ValueError, match="latch: must be true or false"):
         SteeringRecipe.from_dict({"name": "translate", "latch": "yes"})
 
 
@@ -324,7 +324,7 @@ def test_unknown_recipe_is_a_bundle_error(bad, match):
 
 
 def test_recipe_that_is_not_an_object_is_a_bundle_error():
-    with pytest.raises(BundleError, match="recipe must be an object"):
+    with pytest.raises(BundleError, match="recipe: must be an object"):
         BundleManifest.from_dict(toy_manifest() | {"recipe": "replace"})
     with pytest.raises(BundleError, match="true or false"):
         BundleManifest.from_dict(toy_manifest() | {"recipe": {"name": "replace",
@@ -417,3 +417,15 @@ def test_v1_toy_bundle_steers_with_plain_and_detection_uses_its_percentile(toy, 
     assert steered._detection.percentiles == [
         90.0 if i == 2 else c.get("detection_percentile", c["default_percentile"])
         for i, c in enumerate(v2["concepts"])]
+
+
+def test_manifest_errors_name_the_file_the_field_and_the_fix():
+    d = toy_manifest()
+    del d["k"]
+    d["concepts"][1]["default_gamma"] = "lots"
+    with pytest.raises(BundleError) as ei:
+        BundleManifest.from_dict(d)
+    msg = str(ei.value)
+    assert msg.startswith("manifest.json: ") and "k: missing (required)" in msg
+    assert "concepts[1].default_gamma: input should be a valid number" in msg
+    assert "re-export the bundle" in msg

@@ -180,9 +180,11 @@ def test_cli_importance_export_and_sparsify(
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "circle.png", "green.png", "red.png", "square.png"]
     ok("export", "--sae", chain.sae, "--importance", tmp_path / "t.safetensors", "--store",
-       chain.store, "--out", tmp_path / "bundle", "--gamma", "3", "--gamma-range", "1", "9")
+       chain.store, "--out", tmp_path / "bundle", "--gamma", "3", "--gamma-range", "1", "9",
+       "--closed-kind", "colour", "--closed-kind", "shape")
     bundle = SteeringBundle.load(tmp_path / "bundle", expected_fingerprint=chain.fingerprint)
     assert bundle.concept("red").gamma_range == (1.0, 9.0)
+    assert bundle.manifest.closed_kinds == ["colour", "shape"]
     assert bundle.manifest.command.startswith("steer ")
     write_prompts(tmp_path / "p.jsonl", [PromptRecord(0, "a blue circle", {}, seed=1)])
     ok("importance", "--add-concept", "blue", "--kind", "colour", "--bundle",
@@ -198,3 +200,8 @@ def test_cli_importance_export_and_sparsify(
     res = run(app, ["export", "--sae", str(chain.sae), "--importance", str(chain.tables),
                     "--store", str(tmp_path), "--out", str(tmp_path / "z")])
     assert res.exit_code == 2 and "not an activation store" in res.output
+    res = run(app, ["export", "--sae", str(chain.sae), "--importance", str(chain.tables),
+                    "--store", str(chain.store), "--out", str(tmp_path / "z"),
+                    "--closed-kind", "size"])
+    assert res.exit_code == 2 and "closed_kinds names ['size']" in res.output
+    assert "colour, shape" in res.output

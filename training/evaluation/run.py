@@ -422,10 +422,10 @@ class Evaluation:
         for spec in bundle.manifest.concepts:
             pick = (per_concept or {}).get(spec.name) or chosen.get(spec.kind)
             if pick is not None:
-                spec = dataclasses.replace(spec, default_gamma=float(pick["gamma"]),
-                                           default_percentile=float(pick["percentile"]),
-                                           default_gate_margin=float(
-                                               pick.get("gate_margin", spec.default_gate_margin)))
+                spec = spec.replace(default_gamma=float(pick["gamma"]),
+                                    default_percentile=float(pick["percentile"]),
+                                    default_gate_margin=float(
+                                        pick.get("gate_margin", spec.default_gate_margin)))
                 written[spec.name] = [spec.default_gamma, spec.default_percentile,
                                       spec.default_gate_margin]
             concepts.append(spec)
