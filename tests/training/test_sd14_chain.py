@@ -16,6 +16,7 @@ Cost: every pipeline call is a batch of all its prompts at 2 steps, since a UNet
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ STEER = _steer_program()
 def _steer(args: list[Any]) -> str:
     """Run ``steer ARGS`` in this process; its output (fails with it on a non-zero exit)."""
     result = CliRunner().invoke(STEER, [str(a) for a in args])
+    gc.collect()  # each command loads a 4 GB float32 pipeline in this process: free it now
     assert result.exit_code == 0, f"steer {' '.join(map(str, args))}:\n{result.output}" + (
         f"\n{result.exception!r}" if result.exception else "")
     return result.output
@@ -86,6 +88,8 @@ def sd14_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pipe = build_sd14_pipeline(tokenizer, torch.float32, seed=0)
     pipe.unet.register_to_config(sample_size=SIZE // 8)
     pipe.to(torch.float16).save_pretrained(out)
+    del pipe
+    gc.collect()
     return out
 
 
