@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/steering_overhead.py
 	$(BIN)/python bench/translate_delta.py
 	$(BIN)/python bench/fit_swap_memory.py
+	$(BIN)/python bench/bundle_scale.py
 	$(BIN)/python bench/collection_throughput.py
 	$(BIN)/python bench/loader_throughput.py
 	$(BIN)/python bench/sae_training_vs_sparsify.py

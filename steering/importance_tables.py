@@ -38,6 +38,9 @@ class ImportanceTables:
     _cache: dict[tuple[int, int, float], Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # dtype of scores and means on disk (None: float32); float16 halves the file, loading
+    # upcasts to float32 as always
+    storage_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Normalise dtypes (float32 tables, int64 timesteps) and check shapes."""
@@ -133,12 +136,14 @@ class ImportanceTables:
     # -- storage -----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file: scores, means, timesteps; concept names in metadata."""
+        """Write one safetensors file: scores, means (in ``storage_dtype``), timesteps; concept
+        names in metadata."""
         self.validate()
+        stored = self.storage_dtype or torch.float32
         save_file(
             {
-                "scores": self.scores.contiguous().cpu(),
-                "means": self.means.contiguous().cpu(),
+                "scores": self.scores.to(stored).contiguous().cpu(),
+                "means": self.means.to(stored).contiguous().cpu(),
                 "timesteps": self.timesteps.contiguous().cpu(),
             },
             str(path),
@@ -167,11 +172,13 @@ class ImportanceTables:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{path.name}: metadata 'concepts' must be a JSON list of strings")
         try:
+            stored = tensors["scores"].dtype
             return cls(
                 concepts=names,
                 scores=tensors["scores"].to(device),
                 means=tensors["means"].to(device),
                 timesteps=tensors["timesteps"].to(device),
+                storage_dtype=None if stored == torch.float32 else stored,
             )
         except ValueError as e:
             raise ValueError(f"{path.name}: {e}") from e

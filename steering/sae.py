@@ -36,6 +36,22 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+# sae.safetensors metadata: the module's dtype when the weights are stored narrower
+_DTYPE_KEY = "module_dtype"
+
+
+def _stored_module_dtype(meta: dict[str, str], name: str) -> torch.dtype | None:
+    """The module dtype a narrower-stored file asks to be upcast to, if it names one."""
+    raw = meta.get(_DTYPE_KEY)
+    if raw is None:
+        return None
+    dtype = getattr(torch, raw, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name}: metadata {_DTYPE_KEY}={raw!r} is not a float dtype "
+                         "(e.g. 'float32'); re-save the SAE")
+    return dtype
+
+
 class UnsupportedSaeError(ValueError):
     """Raised for sparsify SAE variants we cannot run, so users get a named refusal."""
 
@@ -117,6 +133,9 @@ class TopKSAE(nn.Module):
         w = torch.randn(cfg.num_latents, cfg.d_in, device=device, dtype=self.encoder.weight.dtype)
         self.W_dec = nn.Parameter(w)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=w.dtype))
+        # dtype of sae.safetensors (None: the module's); e.g. float16 halves a bundle's SAE
+        # and loading upcasts back to the module's dtype
+        self.storage_dtype: torch.dtype | None = None
         self.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
             self.encoder.weight.copy_(self.W_dec)
@@ -208,7 +227,9 @@ class TopKSAE(nn.Module):
     # -- storage -----------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write cfg.json and sae.safetensors in sparsify's layout, keeping the module's dtype."""
+        """Write cfg.json and sae.safetensors in sparsify's layout, in ``storage_dtype`` if set
+        (the module's dtype is noted in the metadata, so loading upcasts back) else the
+        module's dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -217,8 +238,11 @@ class TopKSAE(nn.Module):
             "W_dec": self.W_dec,
             "b_dec": self.b_dec,
         }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
+        stored = self.storage_dtype or self.dtype
+        tensors = {k: v.detach().to("cpu", stored).contiguous() for k, v in tensors.items()}
+        meta = None if stored == self.dtype else {_DTYPE_KEY: str(self.dtype).removeprefix(
+            "torch.")}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata=meta)
         with open(directory / CFG_FILE, "w") as f:
             json.dump(self.cfg.to_sparsify_cfg(), f, indent=2)
             f.write("\n")
@@ -261,6 +285,7 @@ class TopKSAE(nn.Module):
         }
         tensors: dict[str, Tensor] = {}
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            module_dtype = _stored_module_dtype(f.metadata() or {}, weights_path.name)
             keys = set(f.keys())
             if "W_skip" in keys:
                 raise UnsupportedSaeError(
@@ -279,8 +304,11 @@ class TopKSAE(nn.Module):
                         f"{names[key]} = {list(expected[key])}"
                     )
                 tensors[key] = t
-        load_dtype = dtype if dtype is not None else tensors["W_dec"].dtype
+        stored = tensors["W_dec"].dtype
+        load_dtype = dtype if dtype is not None else (module_dtype or stored)
         sae = cls(cfg, device="meta", dtype=load_dtype)
+        if stored != load_dtype and dtype is None:
+            sae.storage_dtype = stored  # saved back as it was read
         sae.encoder.weight = nn.Parameter(tensors["encoder.weight"].to(device, load_dtype))
         sae.encoder.bias = nn.Parameter(tensors["encoder.bias"].to(device, load_dtype))
         sae.W_dec = nn.Parameter(tensors["W_dec"].to(device, load_dtype))

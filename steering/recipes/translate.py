@@ -86,4 +86,4 @@ class TranslateRecipe(RecipeRows):
         feats, coef, basis, bias = learned.factors(r, plan.tables.num_latents)
         device, dtype = plan.w_dec.device, plan.swap_dtype
         return RowTranslate(feats.to(device), coef.to(device, dtype), bias.to(device, dtype),
-                            basis.to(device, dtype))
+                            basis.to(device, dtype, copy=True))  # not a view of all steps
