@@ -44,8 +44,10 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         "6. a removal check judged by the attribute classifier (below).",
         "",
         "Then, as separate commands: `steer toyworld translations` learns each concept's swap "
-        "and anchor (bundle format 3, the gated translate recipe; TRANSLATIONS.md) and "
-        "`steer eval --write-defaults` sets the shipped defaults (docs/results.md).",
+        "and anchor (bundle format 3, the gated translate recipe; TRANSLATIONS.md), `steer "
+        "eval --write-defaults` sets the shipped defaults (docs/results.md) and `steer bundle "
+        "fit-detector` on `steer toyworld chain-data`'s runs, judged by the attribute "
+        "classifier, adds the open-world detectors (format 5; section below).",
         "",
         "## Stores",
         "",
