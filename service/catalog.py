@@ -21,6 +21,7 @@ class Catalog:
 
     concepts: dict[str, ConceptSpec] = field(default_factory=dict)
     bundle_sha256: str | None = None
+    manifest: BundleManifest | None = None  # closed kinds and the rest of the bundle's terms
 
 
 def load_catalog(bundle_dir: Path | None) -> Catalog:
@@ -37,4 +38,5 @@ def load_catalog(bundle_dir: Path | None) -> Catalog:
         manifest = BundleManifest.from_json(raw.decode("utf-8"))
     except (BundleError, UnicodeDecodeError) as exc:
         raise RuntimeError(f"{path}: {exc}") from exc
-    return Catalog({c.name: c for c in manifest.concepts}, hashlib.sha256(raw).hexdigest())
+    return Catalog({c.name: c for c in manifest.concepts}, hashlib.sha256(raw).hexdigest(),
+                   manifest)

@@ -12,7 +12,13 @@ from service.errors import ApiError
 from service.schemas import BatchCreate, GenerationCreate
 from service.settings import Settings
 from service.webhook_guard import WebhookRefused, check_url
-from steering.edits import EditError, ResolvedEdit, resolve_edits
+from steering.edits import (
+    Direction,
+    EditError,
+    ResolvedEdit,
+    check_closed_kinds,
+    resolve_edits,
+)
 
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
 
@@ -50,6 +56,13 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
         except EditError as exc:
             field = f"{at}concepts[{i}].{_EDIT_FIELDS.get(exc.field, exc.field)}"
             raise _invalid(field, str(exc)) from None
+    if catalog.manifest is not None:
+        try:
+            check_closed_kinds([e.spec.name for e in resolved
+                                if e.active and e.direction is Direction.SUPPRESS],
+                               catalog.manifest)
+        except EditError as exc:
+            raise _invalid(at + "concepts", str(exc)) from None
     return resolved
 
 

@@ -22,7 +22,13 @@ from PIL import Image
 from steering.bundle import SteeringBundle
 from steering.concepts import ConceptSpec
 from steering.detector import DetectorReadout
-from steering.edits import ConceptEdit, ResolvedEdit, resolve_edits
+from steering.edits import (
+    ConceptEdit,
+    Direction,
+    ResolvedEdit,
+    check_closed_kinds,
+    resolve_edits,
+)
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.gate import ConceptGate
 from steering.hooks import (
@@ -196,6 +202,10 @@ class SteeredPipeline:
         between steps when ``should_cancel()`` says so."""
         started = time.perf_counter()
         edits = resolve_edits(list(request.edits), self.concepts)
+        if self.bundle is not None:
+            check_closed_kinds([e.spec.name for e in edits
+                                if e.active and e.direction is Direction.SUPPRESS],
+                               self.bundle.manifest)
         total = request.steps
         flag = request.cancel
 

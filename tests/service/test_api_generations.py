@@ -104,6 +104,20 @@ def test_unknown_concept_lists_the_known_ones_and_gamma_zero_is_off(client):
     assert ok.status_code == 202, ok.text
 
 
+def test_suppressing_every_concept_of_a_closed_kind_is_a_422_saying_why(client):
+    colours = [{"name": c} for c in ("red", "green", "blue", "yellow")]
+    r = client.post("/v1/generations", json=body(concepts=colours))
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "concepts"
+    assert "'colour' is closed" in r.json()["detail"] and "keep at least one" in r.json()["detail"]
+    # three of the four, or all four with one turned off (γ 0), are fine
+    ok = client.post("/v1/generations", json=body(concepts=colours[:3]))
+    assert ok.status_code == 202, ok.text
+    off = client.post("/v1/generations", json=body(concepts=[*colours[:3], {"name": "yellow",
+                                                                           "gamma": 0}]))
+    assert off.status_code == 202, off.text
+
+
 def test_settings_bound_the_limits(settings, redis_url, tmp_path):
     from tests.service.conftest import fast_settings
 

@@ -92,3 +92,17 @@ def test_bundles_without_detectors_report_no_after(toy: SteeredPipeline) -> None
     out = plain.generate(GenerationRequest.batch(PROMPTS, [5, 6], steps=4, guidance=4.0,
                                                  edits=[ConceptEdit("red")]))
     assert out.detection and out.detection_after == []
+
+
+def test_suppressing_a_whole_closed_kind_is_refused_before_generating(toy: SteeredPipeline
+                                                                     ) -> None:
+    from steering.edits import EditError
+
+    assert toy.bundle.manifest.closed_kinds == ["shape", "colour", "background"]
+    every_colour = [ConceptEdit(c) for c in ("red", "green", "blue", "yellow")]
+    with pytest.raises(EditError, match="'colour' is closed") as err:
+        generate(toy, every_colour)
+    assert err.value.field == "concepts"
+    # a final (policy) suppression counts too: the request and the policy together
+    with pytest.raises(EditError, match="closed"):
+        generate(toy, [*every_colour[:3], ConceptEdit("yellow", final=True)])
