@@ -48,7 +48,7 @@ from steering.detector import LABEL_SOURCES, ConceptDetectors
 from steering.gate_probe import mean_codes
 from steering.hooks import cond_half, to_tokens
 from steering.pipeline import SteeredPipeline
-from training.translation_fit import generate_with
+from steering.recording import generate_with
 
 Judge = Callable[[list[Image.Image]], list[set[str]]]
 MIN_RUNS = 3  # positives and negatives per concept, in each split
@@ -115,12 +115,16 @@ def record_mean_codes(steered: SteeredPipeline, prompts: Sequence[str], seeds: S
     """[steps, len(prompts), n] float16: each unedited run's mean SAE code over tokens at the
     hook (the cond half under guidance), per table row; ``on_images`` gets each batch's
     images (to judge the very runs recorded)."""
+    if steered.bundle is None:
+        raise ValueError("recording codes per table row needs a pipeline loaded with its bundle")
     sae = steered.sae
     out: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
         rows: dict[int, Tensor] = {}
 
-        def record(r: int, x: Tensor, rows: dict[int, Tensor] = rows) -> None:
+        def record(step: int, t: int, r: int | None, x: Tensor,
+                   rows: dict[int, Tensor] = rows) -> None:
+            assert r is not None  # the bundle is loaded: generate_with gives rows
             x = cond_half(x, guidance > 1.0)
             b, _, h, w = x.shape
             values, indices = sae.encode(to_tokens(x).to(sae.dtype))
@@ -131,7 +135,7 @@ def record_mean_codes(steered: SteeredPipeline, prompts: Sequence[str], seeds: S
         end = min(start + batch_size, len(prompts))
         images = generate_with(steered, prompts[start:end], seeds[start:end], steps, guidance,
                                record)
-        if len(rows) != steered.bundle.tables.num_steps:  # type: ignore[union-attr]
+        if len(rows) != steered.bundle.tables.num_steps:
             raise ValueError(f"the runs visited {len(rows)} table rows, the bundle has "
                              f"{steered.bundle.tables.num_steps}: use the bundle's step count")
         out.append(torch.stack([rows[r] for r in sorted(rows)]))

@@ -33,19 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import ModelHook
 from torch import Tensor
 
-from steering.hooks import (
-    StepTracker,
-    attached,
-    from_tokens,
-    output_tensor,
-    replace_output,
-    to_tokens,
-)
+from steering.hooks import from_tokens, to_tokens
 from steering.pipeline import SteeredPipeline
 from steering.plan import gather_latents
+from steering.recording import BlockFn, generate_with
 from steering.sae import TopKSAE
 from steering.translation import ConceptTranslation
 
@@ -111,19 +104,6 @@ def load_pairs(path: str | Path) -> list[SwapPair]:
         raise ValueError(f"{path} holds no pairs; write one JSON object a line with prompt, "
                          "counterfactual and seed")
     return out
-
-
-class _BlockCall(ModelHook):
-    """Calls ``fn(row, x)`` on the hooked block's output; a returned tensor replaces it."""
-
-    def __init__(self, tracker: StepTracker, row_of: Callable[[int], int],
-                 fn: Callable[[int, Tensor], Tensor | None]) -> None:
-        super().__init__()
-        self.tracker, self.row_of, self.fn = tracker, row_of, fn
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        y = self.fn(self.row_of(self.tracker.timestep), output_tensor(output))
-        return output if y is None else replace_output(output, y)
 
 
 Chunk = tuple[Tensor, Tensor, Tensor]
@@ -370,32 +350,15 @@ class SwapRegression:
                                   basis)
 
 
-def generate_with(steered: SteeredPipeline, prompts: Sequence[str], seeds: Sequence[int],
-                  steps: int, guidance: float, fn: Callable[[int, Tensor], Tensor | None]
-                  ) -> list:
-    """One batched pipeline call with ``fn(row, x)`` on the hook block's output at every step
-    (a returned tensor replaces the output); returns the images."""
-    tables = steered.bundle.tables if steered.bundle is not None else None
-    if tables is None:
-        raise ValueError("fitting a learned swap needs a pipeline loaded with its bundle")
-    tracker = StepTracker()
-    hook = _BlockCall(tracker, tables.row_for_timestep, fn)
-    pipe, size = steered.pipe, steered.default_size()
-    generators = [torch.Generator(pipe.device).manual_seed(int(s)) for s in seeds]
-    with torch.no_grad(), attached([(pipe.unet, "fit_tracker", tracker),
-                                    (steered.block, "fit_swap", hook)]):
-        return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                    generator=generators, height=size, width=size).images
-
-
 def apply_translation(translation: ConceptTranslation, sae: TopKSAE, gamma: float = 1.0
-                      ) -> Callable[[int, Tensor], Tensor]:
+                      ) -> BlockFn:
     """The swap as a block-output function (every image, both CFG halves): for fitting and
     checks; the service applies it through ``SteeringPlan`` with the detection gate."""
     n = sae.num_latents
     rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def fn(row: int, x: Tensor) -> Tensor:
+    def fn(step: int, timestep: int, row: int | None, x: Tensor) -> Tensor:
+        assert row is not None  # generate_with gives rows when a bundle is loaded
         if row not in rows:
             rows[row] = translation.at(row, n)
         feats, deltas, bias = rows[row]
@@ -436,7 +399,7 @@ def fit_translation(steered: SteeredPipeline, anchor: str, pairs: Sequence[SwapP
     fit = SwapRegression(sae, steered.bundle.tables.num_steps, root, device, dtype, work_rank)
     batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
 
-    def run(j: int, b: int, batch: Sequence[SwapPair], edit: Callable | None) -> None:
+    def run(j: int, b: int, batch: Sequence[SwapPair], edit: BlockFn | None) -> None:
         done = root / "done" / f"j{j}-b{b}"
         if done.is_file():
             return
@@ -444,7 +407,8 @@ def fit_translation(steered: SteeredPipeline, anchor: str, pairs: Sequence[SwapP
         if j == 0:
             cf_visits: dict[int, int] = {}
 
-            def record(r: int, x: Tensor) -> None:
+            def record(step: int, t: int, r: int | None, x: Tensor) -> None:
+                assert r is not None  # checked above: the bundle is loaded
                 cf_visits[r] = cf_visits.get(r, 0) + 1
                 fit.record_counterfactual(r, f"b{b:05d}-v{cf_visits[r] - 1}", x)
 
@@ -452,10 +416,11 @@ def fit_translation(steered: SteeredPipeline, anchor: str, pairs: Sequence[SwapP
                           record)
         visits: dict[int, int] = {}
 
-        def add(r: int, x: Tensor) -> Tensor | None:
+        def add(step: int, t: int, r: int | None, x: Tensor) -> Tensor | None:
+            assert r is not None
             visits[r] = visits.get(r, 0) + 1
             fit.add_run(r, f"b{b:05d}-v{visits[r] - 1}", f"j{j}", x)
-            return None if edit is None else edit(r, x)
+            return None if edit is None else edit(step, t, r, x)
 
         generate_with(steered, [p.prompt for p in batch], seeds, steps, guidance, add)
         done.parent.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,8 @@ def test_fit_on_the_toy_pipeline_changes_the_concepts_images(toy):
     assert set(swap.row.tolist()) == set(range(toy.bundle.tables.num_steps))
     x = torch.randn(4, toy.sae.d_in, 8, 8)
     edit = apply_translation(swap, toy.sae)
-    assert not torch.equal(edit(5, x), x)
-    assert torch.equal(apply_translation(swap, toy.sae, gamma=0.0)(5, x), x)
+    assert not torch.equal(edit(0, 0, 5, x), x)
+    assert torch.equal(apply_translation(swap, toy.sae, gamma=0.0)(0, 0, 5, x), x)
 
 
 def test_toyworld_translations_cli_builds_and_resumes(tmp_path):

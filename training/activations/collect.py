@@ -1,4 +1,4 @@
-"""`steer collect`: run the pipeline with the capture hook and write an activation store.
+"""`steer collect`: run the pipeline recording the hook block and write an activation store.
 
 The UNet runs in the calling thread; a writer thread takes each prompt's rows from a bounded
 queue and streams them into the shard being written, so generation waits for the disk only
@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from steering.bundle import scheduler_description
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
-from steering.hooks import CaptureHook, StepTracker, attached, output_tensor
+from steering.hooks import cond_half
 from steering.pipeline import ensure_ddim, pipeline_default_size
+from steering.recording import recording
 from training.activations.prompts import PromptRecord, parse_prompts
 from training.activations.store import (
     FORMAT_VERSION,
@@ -97,11 +98,10 @@ def probe_hook_point(pipe: Any, height: int, width: int,
     block = unet.get_submodule(hook_point)
     seen: dict[str, torch.Size] = {}
 
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        seen["shape"] = output_tensor(output).shape
+    def stop(step: int, timestep: int, row: int | None, x: Tensor) -> None:
+        seen["shape"] = x.shape
         raise _Stop
 
-    handle = block.register_forward_hook(hook)
     vsf = pipe.vae_scale_factor
     latent = torch.zeros(1, unet.config.in_channels, height // vsf, width // vsf,
                          device=unet.device, dtype=unet.dtype)
@@ -109,11 +109,10 @@ def probe_hook_point(pipe: Any, height: int, width: int,
                           pipe.text_encoder.config.hidden_size, device=unet.device,
                           dtype=unet.dtype)
     try:
-        unet(latent, torch.tensor([1], device=unet.device), encoder_hidden_states=context)
+        with recording(unet, {block: stop}):
+            unet(latent, torch.tensor([1], device=unet.device), encoder_hidden_states=context)
     except _Stop:
         pass
-    finally:
-        handle.remove()
     if "shape" not in seen:
         raise CollectError(f"the UNet forward never reached {hook_point!r}")
     _, c, h, w = seen["shape"]
@@ -130,17 +129,19 @@ def _kept_steps(captured_steps: Sequence[int] | None, steps: int) -> list[int]:
 
 
 class _StepBuffer:
-    """Sink of CaptureHook: keeps the captured steps of one call, [B, S, tokens, d] fp16."""
+    """Records the hook block's cond half at the captured steps of one call, as
+    [B, S, tokens, d] fp16 (a :data:`~steering.recording.BlockFn`)."""
 
-    def __init__(self, slot: dict[int, int]) -> None:
-        self.slot = slot
+    def __init__(self, slot: dict[int, int], cfg: bool) -> None:
+        self.slot, self.cfg = slot, cfg
         self.data: Tensor | None = None
         self.filled = 0
 
-    def __call__(self, step: int, timestep: int, x: Tensor) -> None:
+    def __call__(self, step: int, timestep: int, row: int | None, x: Tensor) -> None:
         j = self.slot.get(step)
         if j is None:
             return
+        x = cond_half(x, self.cfg).flatten(2).transpose(1, 2)  # [B, H·W, C]
         if self.data is None:
             self.data = torch.empty(x.shape[0], len(self.slot), *x.shape[1:],
                                     dtype=torch.float16, device=x.device)
@@ -170,12 +171,9 @@ def capture_activations(pipe: Any, prompts: Sequence[PromptRecord], steps: int, 
 
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
-        buffer = _StepBuffer(slot)
-        tracker = StepTracker()
-        hooks = [(pipe.unet, "step_tracker", tracker),
-                 (block, "capture", CaptureHook(tracker, buffer, cfg))]
+        buffer = _StepBuffer(slot, cfg)
         negatives = [p.negative_prompt for p in batch]
-        with attached(hooks):
+        with recording(pipe.unet, {block: buffer}):
             pipe(prompt=[p.prompt for p in batch],
                  negative_prompt=negatives if any(negatives) else None,
                  num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,

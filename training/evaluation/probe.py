@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from steering.hooks import from_tokens, output_tensor, replace_output, to_tokens
+from steering.hooks import from_tokens, to_tokens
 from steering.pipeline import SteeredPipeline
+from steering.recording import BlockFn, generate_with
 from steering.sae import TopKSAE
 from training.evaluation.prompts import ua_set
 from training.toyworld.captions import compose
@@ -36,34 +38,23 @@ def cross_attention_blocks(steered: SteeredPipeline) -> tuple[str, ...]:
 def _run(steered: SteeredPipeline, prompts: list[str], seeds: list[int], steps: int,
          guidance: float, blocks: Sequence[str], record: dict[str, list] | None,
          replay: dict[str, list] | None, sae: TopKSAE | None = None) -> list[Any]:
-    """Generate once, recording or replaying the blocks' outputs call by call."""
-    handles = []
-    for name in blocks:
-        module = steered.pipe.unet.get_submodule(name)
-        calls = {"i": 0}
+    """Generate once, recording or replaying the blocks' outputs step by step (each block
+    runs once per UNet call)."""
 
-        def hook(mod, args, output, name=name, calls=calls):
-            i = calls["i"]
-            calls["i"] += 1
+    def at(name: str) -> BlockFn:
+        def fn(step: int, timestep: int, row: int | None, x: Tensor) -> Tensor | None:
             if record is not None:
-                record.setdefault(name, []).append(output_tensor(output).clone())
-                return output
+                record.setdefault(name, []).append(x.clone())
+                return None
+            assert replay is not None
             if sae is None:
-                return replace_output(output, replay[name][i])
+                return replay[name][step]
             # SAE-space swap: keep this run's error term, take the other run's code
-            x = output_tensor(output)
-            ours, theirs = (sae(to_tokens(a)) for a in (x, replay[name][i]))
-            return replace_output(output, x + from_tokens(theirs - ours, x))
+            ours, theirs = (sae(to_tokens(a)) for a in (x, replay[name][step]))
+            return x + from_tokens(theirs - ours, x)
+        return fn
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        gens = [torch.Generator(steered.pipe.device).manual_seed(s) for s in seeds]
-        size = steered.default_size()
-        return steered.pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
-                            generator=gens, height=size, width=size).images
-    finally:
-        for h in handles:
-            h.remove()
+    return generate_with(steered, prompts, seeds, steps, guidance, {n: at(n) for n in blocks})
 
 
 def patch_probe(steered: SteeredPipeline, judge: AttributeClassifier, concept: str,

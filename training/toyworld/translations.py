@@ -11,7 +11,6 @@ best mean of the two is kept. Both seed ranges are disjoint from every other ran
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import random
@@ -25,11 +24,12 @@ import torch
 from steering.bundle import SteeringBundle
 from steering.pipeline import SteeredPipeline
 from steering.recipe import GATED_TRANSLATE
+from steering.recording import generate_with
 from steering.translation import ConceptTranslation, TranslationTables
 from training.toyworld.captions import N_TEMPLATES, compose
 from training.toyworld.classifier import AttributeClassifier
 from training.toyworld.world import KINDS, kind_of
-from training.translation_fit import SwapPair, apply_translation, fit_translation, generate_with
+from training.translation_fit import SwapPair, apply_translation, fit_translation
 
 FIT_SEED_BASE = 3_000_000
 ANCHOR_SEED_BASE = 3_100_000
@@ -148,8 +148,7 @@ def adopt_translations(bundle: SteeringBundle, tables: TranslationTables) -> Non
     bundle.manifest.recipe = GATED_TRANSLATE
     lo, hi = TRANSLATE_GAMMA_RANGE
     bundle.manifest.concepts = [
-        dataclasses.replace(c, gamma_range=(lo, hi), default_gamma=min(max(c.default_gamma, lo),
-                                                                       hi))
+        c.replace(gamma_range=(lo, hi), default_gamma=min(max(c.default_gamma, lo), hi))
         for c in bundle.manifest.concepts]
 
 
