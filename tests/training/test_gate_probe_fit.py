@@ -86,11 +86,9 @@ def test_bundle_fit_gate_cli_adds_a_probe_and_refuses_a_concept_without_runs(tmp
     app = typer.Typer()
     register(app)
     bundle = tmp_path / "bundle"
-    shutil.copytree(ASSETS / "toy-bundle", bundle)
-    (bundle / "gate_probe.safetensors").unlink()
-    m = json.loads((bundle / "manifest.json").read_text())
-    del m["files"]["gate_probe.safetensors"]
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    shutil.copytree(ASSETS / "toy-bundle", bundle)  # format 5: detectors, no probe
+    assert "gate_probe.safetensors" not in json.loads((bundle / "manifest.json").read_text())[
+        "files"]
     combos = [("circle", "red", "plain"), ("square", "green", "striped"),
               ("triangle", "blue", "dotted"), ("cross", "yellow", "plain")]
     records = [{"prompt": f"a {c} {s} on a {b} background", "seed": 10 + i,

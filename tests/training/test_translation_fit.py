@@ -72,8 +72,9 @@ def test_reduced_rank_keeps_the_main_directions_of_the_fitted_edits(sae):
     for rank in (1, 3, D):
         swap = fit.solve("green", ridge=1e-2, min_count=1, rank=rank)
         assert swap.basis.shape == (1, rank, D)
+        # orthonormal up to the float16 the basis is stored in
         torch.testing.assert_close(swap.basis[0] @ swap.basis[0].T, torch.eye(rank),
-                                   atol=1e-5, rtol=0)
+                                   atol=2e-3, rtol=0)
         feats, deltas, bias = swap.at(0, N)
         dense = torch.zeros(N + 1, D)
         dense[feats], dense[N] = deltas, bias
