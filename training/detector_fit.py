@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from steering.gate_probe import mean_codes
 from steering.hooks import cond_half, to_tokens
 from steering.pipeline import SteeredPipeline
 from steering.recording import generate_with
+from training.jsonl import is_seed, read_objects
 
 Judge = Callable[[list[Image.Image]], list[set[str]]]
 MIN_RUNS = 3  # positives and negatives per concept, in each split
@@ -67,16 +67,10 @@ def load_runs(path: str | Path) -> list[Run]:
     """Read a runs JSONL: {"prompt", "seed", "concepts": [names present]} per line;
     ``concepts`` is optional (a `steer collect` kind -> concept object is accepted too)."""
     runs: list[Run] = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from e
-        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or \
-                not isinstance(d.get("seed"), int) or isinstance(d.get("seed"), bool):
+    what = ("an object with a string \"prompt\" and an integer \"seed\" (and optionally "
+            "\"concepts\": [names present])")
+    for where, d in read_objects(path, what):
+        if not isinstance(d.get("prompt"), str) or not is_seed(d.get("seed")):
             raise ValueError(f"{where}: each line needs a string \"prompt\" and an integer "
                              "\"seed\" (and optionally \"concepts\": [names present])")
         given = d.get("concepts")
@@ -86,8 +80,6 @@ def load_runs(path: str | Path) -> list[Run]:
                                       and all(isinstance(c, str) for c in given)):
             raise ValueError(f"{where}: \"concepts\" must be a list of concept names")
         runs.append(Run(d["prompt"], d["seed"], None if given is None else frozenset(given)))
-    if not runs:
-        raise ValueError(f"{path}: no runs; write one JSON object per line")
     return runs
 
 

@@ -41,6 +41,7 @@ from steering.plan import gather_latents
 from steering.recording import BlockFn, generate_with
 from steering.sae import TopKSAE
 from steering.translation import ConceptTranslation
+from training.jsonl import is_seed, read_objects
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,8 @@ def pairs_from_prompts(prompts: Sequence[str], concept: str, anchor: str, seed_b
 def load_pairs(path: str | Path) -> list[SwapPair]:
     """Pairs from a JSONL file, one ``{"prompt", "counterfactual", "seed"}`` object a line
     (blank lines skipped); errors name the line to fix."""
-    path = Path(path)
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a JSON object ({e.msg})") from e
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected an object with prompt, counterfactual, seed")
+    for where, item in read_objects(path, "an object with prompt, counterfactual and seed"):
         missing = [k for k in ("prompt", "counterfactual", "seed") if k not in item]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)} (each line needs prompt, "
@@ -94,15 +85,12 @@ def load_pairs(path: str | Path) -> list[SwapPair]:
         if not (isinstance(prompt, str) and prompt.strip() and isinstance(counterfactual, str)
                 and counterfactual.strip()):
             raise ValueError(f"{where}: prompt and counterfactual must be non-empty strings")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_seed(seed):
             raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
         if prompt.strip() == counterfactual.strip():
             raise ValueError(f"{where}: the counterfactual is the prompt itself; it must "
                              "differ (the concept replaced, removed or described safely)")
         out.append(SwapPair(prompt, counterfactual, seed))
-    if not out:
-        raise ValueError(f"{path} holds no pairs; write one JSON object a line with prompt, "
-                         "counterfactual and seed")
     return out
 
 

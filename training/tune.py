@@ -38,6 +38,7 @@ from steering.pipeline import GenerationRequest, SteeredPipeline
 from steering.recipe import GATED_TRANSLATE
 from steering.translation import ConceptTranslation, TranslationTables
 from training.evaluation.metrics import pixel_digest
+from training.jsonl import is_seed, read_objects
 from training.translation_fit import SwapPair, fit_translation
 
 Judge = Callable[[list[Any]], list[set[str]]]
@@ -63,21 +64,13 @@ class Labelled:
 
 def load_prompts(path: str | Path) -> list[TunePrompt]:
     """Tuning prompts from JSONL, one ``{"prompt", "seed"}`` object a line."""
-    path = Path(path)
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            prompt, seed = item["prompt"], item["seed"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{number}: need an object with prompt and seed") from e
-        if not isinstance(prompt, str) or isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{path}:{number}: prompt must be a string and seed an integer")
+    for where, item in read_objects(path, "an object with prompt and seed"):
+        prompt, seed = item.get("prompt"), item.get("seed")
+        if not isinstance(prompt, str) or not is_seed(seed):
+            raise ValueError(f"{where}: prompt must be a string and seed a non-negative "
+                             "integer")
         out.append(TunePrompt(prompt, seed))
-    if not out:
-        raise ValueError(f"{path} holds no prompts; write one {{\"prompt\", \"seed\"}} a line")
     return out
 
 

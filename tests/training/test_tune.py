@@ -92,3 +92,15 @@ def test_tune_command_writes_the_chosen_swap_and_gamma(toy_bundle_with_detectors
     assert json.loads((bundle / "TUNE.json").read_text())["red"]["points"] == report["points"]
     bad = CliRunner().invoke(app, [*args[:7], "--candidate", "nofile", *args[9:]])
     assert bad.exit_code == 2 and "LABEL=PAIRS.jsonl" in bad.output
+
+
+def test_tuning_prompts_file_names_the_line_to_fix(tmp_path: Path) -> None:
+    from training.tune import load_prompts
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "a red circle", "seed": 1}\n\n{"prompt": "x", "seed": true}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:3: .*seed a non-negative integer"):
+        load_prompts(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds nothing"):
+        load_prompts(path)
