@@ -155,9 +155,11 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
                   "Fixed suppression sets: " + ", ".join("(" + ", ".join(s) + ")"
                                                          for s in sets)
                   + ". Prompts: each member's UA and IRA prompts at n / |set| pairs each "
-                  "(IRA prompts never ask for another member). UA pools every suppressed "
-                  "kind's asked-and-suppressed attributes; CRA covers the kinds with no "
-                  "suppressed concept (— when the set covers all three).", ""]
+                  "(IRA prompts never ask for another member). UA: of the images asking for "
+                  "a suppressed concept, the share in which the judge finds none of the "
+                  "suppressed concepts (a red prompt turned green with green suppressed too "
+                  "is not removed); CRA covers the kinds with no suppressed concept (— when "
+                  "the set covers all three).", ""]
         lines += _table(["set", "method", "UA", "IRA", "CRA", "mean"],
                         [[s, n, *_triple(f["sets"][s])] for s in next(iter(multi.values()))["sets"]
                          for n, f in multi.items() if s in f["sets"]]
