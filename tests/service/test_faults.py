@@ -137,7 +137,7 @@ def test_a_full_disk_fails_the_job_with_the_reason_and_the_worker_keeps_serving(
     assert record(conn, settings, fine).status == "succeeded"
 
 
-@pytest.mark.parametrize("damage", ["sae.safetensors", "manifest.json", "gate_probe.safetensors"])
+@pytest.mark.parametrize("damage", ["sae.safetensors", "manifest.json", "detectors.safetensors"])
 def test_a_worker_refuses_to_start_on_a_corrupt_bundle_and_names_the_file(settings, tmp_path,
                                                                           damage):
     bundle = tmp_path / "bundle"

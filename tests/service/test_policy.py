@@ -156,7 +156,7 @@ def test_policy_check_command_accepts_the_shipped_file_and_rejects_bad_ones(tmp_
     assert "OK against" in good.output and "public (default)" in good.output
     red_pct = CONCEPTS["red"].default_percentile  # policies/toy.toml sets γ only
     assert f"suppress red: γ 2, percentile {red_pct:g}" in good.output
-    assert "detect cross: score ≥ 0.23 → refuse" in good.output
+    assert "detect cross: score ≥ 0.5 → refuse" in good.output
     bad = write(tmp_path, GOOD.replace('"striped"', '"zebra"'))
     result = runner.invoke(policy_app, ["check", str(bad), *bundle])
     assert result.exit_code == 1

@@ -152,11 +152,22 @@ def test_bundle_format_5_stores_and_checks_the_detectors(tmp_path):
         bundle.save(tmp_path / "bad")
 
 
-def test_a_format_4_bundle_loads_without_detectors():
+def test_a_format_4_bundle_loads_without_detectors(tmp_path):
+    import json
+    import shutil
+
     from tests.conftest import ASSETS
 
-    bundle = SteeringBundle.load(ASSETS / "toy-bundle")
+    shutil.copytree(ASSETS / "toy-bundle", tmp_path / "b")
+    (tmp_path / "b" / DETECTORS_FILE).unlink()
+    path = tmp_path / "b" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["files"][DETECTORS_FILE], m["closed_kinds"]
+    m["format_version"] = 4
+    path.write_text(json.dumps(m))
+    bundle = SteeringBundle.load(tmp_path / "b")
     assert bundle.manifest.format_version == 4 and bundle.detectors is None
+    assert SteeringBundle.load(ASSETS / "toy-bundle").detectors is not None  # shipped: 5
 
 
 class HostSyncs(TorchDispatchMode):

@@ -89,12 +89,12 @@ def test_bundle_format_4_stores_and_checks_the_probe(tmp_path):
         SteeringBundle.load(out)
 
 
-def test_shipped_toy_bundle_has_a_probe_for_every_concept():
+def test_shipped_toy_bundle_gates_by_detectors_not_the_probe():
     from tests.conftest import ASSETS
 
     bundle = SteeringBundle.load(ASSETS / "toy-bundle")
-    assert bundle.gate_probe is not None
-    assert bundle.gate_probe.concepts == bundle.concept_names
+    assert bundle.gate_probe is None  # format 5: the per-concept detectors replace it
+    assert bundle.detectors is not None and bundle.detectors.concepts == bundle.concept_names
 
 
 def test_saving_a_loaded_bundle_back_keeps_its_unchanged_optional_files(tmp_path):
