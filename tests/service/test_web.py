@@ -367,7 +367,9 @@ def test_a_refusal_under_the_keys_own_policy(page: Page, stack: Stack) -> None:
         expect(page.locator("#policy-note")).to_contain_text(
             "Content policy: strict (your API key's own)")
         expect(page.locator("#policy-note")).to_contain_text("red (refuse at score ≥ 0.5)")
-        fill_request(page, steps=10)
+        # rules judge the final image, so the edited one keeps red (and is refused too) while
+        # its background is steered away
+        fill_request(page, steps=10, suppress="striped")
         page.get_by_role("button", name="Generate", exact=True).click()
         for role in ("unedited", "edited"):
             job = finished(page, role)
