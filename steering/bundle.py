@@ -299,22 +299,25 @@ class SteeringBundle:
                 (DETECTORS_FILE, self.detectors)]
 
     @staticmethod
-    def check_detectors(detectors: ConceptDetectors, manifest: BundleManifest) -> None:
-        """Refuse detectors made for another concept list, SAE size or step count."""
+    def _check_readout(part: ConceptDetectors | GateProbe, file: str,
+                       manifest: BundleManifest) -> None:
+        """Refuse a per-concept read-out (detectors, gate probe) made for another concept
+        list, SAE size or step count, naming its file."""
         try:
-            detectors.validate([c.name for c in manifest.concepts], manifest.n_latents,
-                               manifest.steps)
+            part.validate([c.name for c in manifest.concepts], manifest.n_latents,
+                          manifest.steps)
         except ValueError as e:
-            raise BundleError(f"{DETECTORS_FILE}: {e}") from e
+            raise BundleError(f"{file}: {e}") from e
 
-    @staticmethod
-    def check_gate_probe(probe: GateProbe, manifest: BundleManifest) -> None:
+    @classmethod
+    def check_detectors(cls, detectors: ConceptDetectors, manifest: BundleManifest) -> None:
+        """Refuse detectors made for another concept list, SAE size or step count."""
+        cls._check_readout(detectors, DETECTORS_FILE, manifest)
+
+    @classmethod
+    def check_gate_probe(cls, probe: GateProbe, manifest: BundleManifest) -> None:
         """Refuse a gate probe made for another concept list, SAE size or step count."""
-        try:
-            probe.validate([c.name for c in manifest.concepts], manifest.n_latents,
-                           manifest.steps)
-        except ValueError as e:
-            raise BundleError(f"{GATE_PROBE_FILE}: {e}") from e
+        cls._check_readout(probe, GATE_PROBE_FILE, manifest)
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse a pipeline other than the one the bundle was made for."""
