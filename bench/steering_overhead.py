@@ -12,16 +12,18 @@ shared machine is larger than the hook):
 - plain:   no hook (plain generation);
 - recipe:  the plain recipe: ``StepTracker`` on the UNet, ``SteeringHook`` on up1.1 with two
            suppression edits at gamma 20 (a few features each) and a ``DetectionPlan``;
-- shipped: the shipped recipe (gated, latching ``translate``): the same hooks with learned
-           swaps for two suppressed concepts whose rows cover ``--swap-coverage`` of the
-           features at the step, the detection gate, and detection.
+- shipped: the shipped recipe as format 5 serves it (gated ``translate``): the same hooks
+           with learned swaps for two suppressed concepts whose rows cover
+           ``--swap-coverage`` of the features at the step, gated by the detectors, which
+           also read every concept before and after the edit (one more encode of the cond
+           half).
 
 Both steered configurations run as in serving: the schedule's table rows are given to the
 tracker and the plan's rows are built before timing (what a worker's plan cache holds after
 its first request), so the hook makes no host synchronisation. The SAE is random (d_in=1280,
 n=20480, k=32); the importance tables have one row, at the timestep used. The gate uses
-synthetic detectors when ``ConceptGate`` takes them, else a synthetic probe; its margins or
-thresholds keep every image gated in, so the swaps are always applied. Prints one JSON line
+synthetic detectors whose thresholds keep every image gated in, so the swaps are always
+applied. Prints one JSON line
 and writes it (pretty) to ``--out``. Targets: shipped/recipe <= 1.02, shipped/plain <= 1.05.
 
 Run: ``.venv/bin/python bench/steering_overhead.py`` (``--rounds 1 --warmup 0`` for a smoke
@@ -31,11 +33,9 @@ run).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,10 @@ import torch
 from diffusers.hooks import ModelHook
 
 from steering.concepts import ConceptSpec
+from steering.detector import ConceptDetectors, DetectorReadout
 from steering.edits import Direction, ResolvedEdit
 from steering.fingerprint import HOOK_POINT
 from steering.gate import ConceptGate
-from steering.gate_probe import GateProbe
 from steering.hooks import EditStage, SteeringHook, StepTracker, attached
 from steering.importance_tables import ImportanceTables
 from steering.plan import DetectionPlan, RowCache, SteeringPlan
@@ -90,23 +90,13 @@ def make_swap(anchor: str, coverage: float, generator: torch.Generator) -> Conce
                               basis.contiguous())
 
 
-def gate_factory(tables: ImportanceTables, kinds: dict[str, list[str]],
-                 plan: SteeringPlan, generator: torch.Generator) -> tuple[str, Callable[[],
-                                                                                   ConceptGate]]:
-    """(kind of gate, a maker of a fresh gate per step): synthetic detectors when the gate
-    takes them, else a synthetic probe; either way every image is gated in."""
+def synthetic_detectors(tables: ImportanceTables, generator: torch.Generator
+                        ) -> ConceptDetectors:
+    """Detectors of SD-1.4's width that find every concept in every image (τ far below any
+    score), so the shipped edits always apply and every read-out does its full work."""
     names, c = tables.concepts, tables.num_concepts
     weight = (0.01 * torch.randn(c, 1, N_LATENTS, generator=generator)).half()
-    bias = torch.zeros(c, 1)
-    if "detectors" in inspect.signature(ConceptGate).parameters:
-        from steering.detector import ConceptDetectors
-
-        detectors = ConceptDetectors(names, weight, bias, torch.full((c,), -1e9))
-        return "detectors", lambda: ConceptGate(tables, kinds, plan.gate_margins,
-                                                plan.gate_anchors, None, detectors)
-    probe = GateProbe(names, weight, bias)
-    margins = {name: 1e9 for name in plan.gate_margins}  # wide margins: always gated in
-    return "probe", lambda: ConceptGate(tables, kinds, margins, plan.gate_anchors, probe)
+    return ConceptDetectors(names, weight, torch.zeros(c, 1), torch.full((c,), -1e9))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,15 +166,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     plans["shipped"].prepare([0])  # what a worker's first request with these edits builds
     build_s = time.perf_counter() - started
-    gate_kind, new_gate = gate_factory(tables, kinds, plans["shipped"], gen)
+    detectors = synthetic_detectors(tables, gen)
+    shipped = plans["shipped"]
 
     def hooks_for(config: str) -> list[tuple[torch.nn.Module, str, ModelHook]]:
+        """The plain recipe as format 1–4 served it (sparse detection score); the shipped one
+        as format 5 serves it: the detectors gate the swaps and read every concept before
+        and after the edit."""
         if config == "plain":
             return []
         tracker = StepTracker([TIMESTEP], [0])
-        gate = new_gate() if config == "shipped" else None
-        steer = SteeringHook(sae, tables, tracker, cfg=True,
-                             stages=[EditStage(plans[config], gate)], detection=detection)
+        if config == "shipped":
+            gate = ConceptGate(tables, kinds, shipped.gate_margins, shipped.gate_anchors,
+                               None, detectors)
+            steer = SteeringHook(sae, tables, tracker, cfg=True, stages=[EditStage(shipped, gate)],
+                                 before=DetectorReadout(detectors),
+                                 after=DetectorReadout(detectors))
+        else:
+            steer = SteeringHook(sae, tables, tracker, cfg=True,
+                                 stages=[EditStage(plans[config])], detection=detection)
         return [(unet, "step_tracker", tracker), (block, "steering", steer)]
 
     def step(config: str) -> float:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "swap_rows_per_concept": int(args.swap_coverage * N_LATENTS),
         "shipped_plan_build_s": round(build_s, 3),
         "shipped_plan_cache_mb": round(cache.bytes / 2**20, 1),
-        "gate": gate_kind,
+        "gate": "detectors (before and after read-outs)",
         "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
         "device": "cpu",
