@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 
 from service import auth
-from tests.service.api_support import api_client, body, poll
+from tests.service.api_support import api_client, body
 from tests.service.conftest import fast_settings
 from tests.service.worker_support import wait_ready
 
-RETENTION_S = 4
+# The retention is also the longest a job may wait queued (RQ's ttl): short, but long enough
+# for the eight jobs below to start on a busy 2-core machine.
+RETENTION_S = 8
 # Keys that exist on purpose while the service runs, whatever its history: API keys, the live
 # worker's registrations and scheduler locks (refreshed while it lives), RQ's queue list, and
 # the latency histograms behind /metrics (a fixed set of buckets per histogram).
@@ -40,11 +42,23 @@ def test_no_keys_or_images_outlive_their_retention(tmp_path, redis_url, conn, sp
         canceled = client.post("/v1/generations", json=body(steps=150)).json()
         client.post(f"/v1/generations/{canceled['id']}/cancel")
         deleted = client.post("/v1/generations", json=body()).json()
-        for job in jobs:
-            assert poll(client, job["links"]["self"], wait_for)["status"] == "succeeded"
-        poll(client, f"/v1/batches/{batch.json()['id']}", wait_for)
-        poll(client, canceled["links"]["self"], wait_for)
-        poll(client, deleted["links"]["self"], wait_for)
+        # Watch every job in one loop: polled one after another, a job finished while an
+        # earlier one was awaited could expire (the short retention) before its first poll.
+        urls = [job["links"]["self"] for job in jobs]
+        urls += [f"/v1/batches/{batch.json()['id']}", canceled["links"]["self"],
+                 deleted["links"]["self"]]
+        final: dict[str, str] = {}
+
+        def all_final() -> bool:
+            for url in urls:
+                if url not in final:
+                    status = client.get(url).json().get("status")
+                    if status in ("succeeded", "failed", "canceled"):
+                        final[url] = status
+            return len(final) == len(urls)
+
+        wait_for(all_final, timeout=120, what="every job to finish", interval=0.1)
+        assert [final[job["links"]["self"]] for job in jobs] == ["succeeded"] * len(jobs)
         assert client.delete(f"/v1/generations/{deleted['id']}").status_code == 204
         assert any(images.iterdir()), "the jobs wrote no images"
 
