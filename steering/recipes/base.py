@@ -3,6 +3,7 @@ into the parts of a table row, and :class:`steering.plan.SteeringPlan` looks it 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from torch import Tensor
@@ -21,15 +22,15 @@ class RowPart(Protocol):
         ...
 
 
-class RecipeRows:
+class RecipeRows(ABC):
     """How one recipe builds the part of a row that suppresses one edit's concept."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def suppress(self, plan: SteeringPlan, i: int, r: int, gate: int | None) -> RowPart | None:
         """Edit i's suppression part at row r (from the plan's cache), or None to fold it
         into the row's ungated plain edit."""
-        raise NotImplementedError
 
 
 _REGISTRY: dict[str, RecipeRows] = {}
