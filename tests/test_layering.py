@@ -1,4 +1,4 @@
-"""The layering of DESIGN §2 is real: the core imports neither training nor service."""
+"""The layering is real: the core imports neither training nor service."""
 
 import ast
 from pathlib import Path

@@ -95,7 +95,7 @@ def importance(
     percentile: float | None = typer.Option(None, help="Default percentile."),
     device: str = typer.Option("cpu", help="cpu or cuda:N."),
 ) -> None:
-    """Per-timestep concept feature scores and means (DESIGN §3), or add a concept to a bundle.
+    """Per-timestep concept feature scores and means, or add a concept to a bundle.
 
     steer importance --sae DIR --store DIR --out tables.safetensors [--plots DIR]
 

@@ -1,6 +1,6 @@
 """Per-concept, per-timestep feature importance from a concept-labelled activation store.
 
-DESIGN §3, exactly: μ_{c,t,j} = mean over the prompts labelled c (each weighted equally) of the
+SAeUron, exactly: μ_{c,t,j} = mean over the prompts labelled c (each weighted equally) of the
 mean over the prompt's tokens at step t of z_j; μ_{¬c,t,j} = the same over the prompts that carry
 another concept of c's kind; score = μ_c / Σ_j μ_c − μ_¬c / Σ_j μ_¬c.
 

@@ -1,4 +1,4 @@
-"""Faults (issue 8, beyond the serving tests): every worker gone, Redis killed and restarted
+"""Faults (beyond the serving tests): every worker gone, Redis killed and restarted
 (AOF, a private server), the API restarted mid-job, a full disk for images, a corrupt bundle
 at worker start. Acknowledged jobs are never lost; each fault says what happened."""
 

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the API (issue 8): schemathesis generates requests from the
+"""Property-based fuzzing of the API: schemathesis generates requests from the
 committed openapi/openapi.json — valid and invalid bodies, parameters, headers — against a live
 app (uvicorn on a loopback port) with a real `steer worker` taking the jobs, on a private Redis.
 Every answer must be documented: no 5xx, a status code, content type, headers and body that the

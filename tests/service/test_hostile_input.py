@@ -1,4 +1,4 @@
-"""Hostile input against the gateway (issue 8): odd ids and path traversal on every path
+"""Hostile input against the gateway: odd ids and path traversal on every path
 parameter, oversized bodies and prompts, unicode edge cases, non-finite and out-of-range
 numbers, a thousand concepts, malformed credentials and rate-limit evasion by headers.
 Every answer must be a JSON error of the documented kind, never a 5xx."""

@@ -1,4 +1,4 @@
-"""Leaks (issue 8): after a run of jobs of every kind and their retention time, no Redis key and
+"""Leaks: after a run of jobs of every kind and their retention time, no Redis key and
 no image file is left behind — only what lives on purpose (API keys, the live worker's
 registration, RQ's queue list) and short-lived counters that carry their own expiry."""
 

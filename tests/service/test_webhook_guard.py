@@ -1,5 +1,5 @@
 """SSRF guard for webhook URLs: refused addresses, the allow-list, DNS at delivery, and the API's
-422 naming the field (hostile input of issue 8)."""
+422 naming the field (hostile input)."""
 
 import pytest
 from fastapi.testclient import TestClient

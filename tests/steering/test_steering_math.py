@@ -1,4 +1,4 @@
-"""The steering hook against the dense formulas of DESIGN §3 (the test oracle)."""
+"""The steering hook against the dense formulas of docs/steering-method.md (the test oracle)."""
 
 import pytest
 import torch

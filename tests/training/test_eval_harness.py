@@ -1,4 +1,4 @@
-"""`steer eval` (issue 7): prompt sets and seeds, the resumable cell cache, the choice rule,
+"""`steer eval`: prompt sets and seeds, the resumable cell cache, the choice rule,
 writing defaults into a bundle, and the smoke run end to end on the shipped toy assets."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Importance tables (DESIGN §3) against the formula computed by hand, and the store stream."""
+"""Importance tables against the formula computed by hand, and the store stream."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ LABELS = [
 
 
 def _hand_importance(means: list, labels: list, concept: str) -> tuple[list, list]:
-    """scores[t][j], mu[t][j] for one concept with explicit loops, straight from DESIGN §3."""
+    """scores[t][j], mu[t][j] for one concept with explicit loops, straight from the formula."""
     kind = KINDS[concept]
     pos = [p for p, lab in enumerate(labels) if lab.get(kind) == concept]
     neg = [p for p, lab in enumerate(labels) if kind in lab and lab[kind] != concept]

@@ -1,1 +1,1 @@
-"""Steering quality evaluation on the toy world (the evaluation issue): metrics first."""
+"""Steering quality evaluation on the toy world: metrics first."""

@@ -1,4 +1,4 @@
-"""`steer eval`: the steering-quality comparison of issue 7 (UA / IRA / CRA vs baselines).
+"""`steer eval`: the steering-quality comparison (UA / IRA / CRA vs baselines).
 
 Heavy modules (torch, diffusers, matplotlib) are imported inside the command so that
 `steer --help` stays fast.
@@ -116,7 +116,7 @@ def eval_command(
         help="Evaluate prompts that leave the concept's kind unnamed, each judged against the "
              "same prompt and seed unedited: removal, false edits, attributes kept."),
     sld_config: str = typer.Option(
-        "STRONG", help="diffusers' SafetyConfig for sld: WEAK, MEDIUM, STRONG (issue 7's) or "
+        "STRONG", help="diffusers' SafetyConfig for sld: WEAK, MEDIUM, STRONG (the default) or "
                        "MAX."),
     rerun: str = typer.Option("", help="Comma list of methods whose cached cells are "
                                        "ignored (e.g. ours after changing its recipe)."),

@@ -4,7 +4,7 @@
 2. ``negative_prompt``: the suppressed words joined with ", " as the negative prompt;
 3. ``sld``: Safe Latent Diffusion (diffusers' ``StableDiffusionPipelineSafe``, strong setting)
    built from the same components, its safety concept = the suppressed words;
-4. ``saeuron``: the plain SAeUron recipe (DESIGN §3, ``steering.recipe.PLAIN``) at a given
+4. ``saeuron``: the plain SAeUron recipe (``steering.recipe.PLAIN``) at a given
    (γ, percentile), per kind;
 5. ``ours``: this project's steering (the bundle's default recipe) at the bundle's defaults,
    or at an explicit (γ, percentile) in the sweep.
@@ -161,7 +161,7 @@ class SteeringMethod:
                     if c.kind not in per_kind}
         self.settings = {
             "steps": self.steps, "guidance": self.guidance,
-            "recipe": "plain (DESIGN §3)" if self.name == "saeuron" else "bundle default",
+            "recipe": "plain" if self.name == "saeuron" else "bundle default",
             "per_kind": per_kind, "bundle_defaults": defaults,
             "bundle": bundle_identity(self.steered),
         }

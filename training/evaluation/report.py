@@ -92,7 +92,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
     held = results.get("heldout", {})
     single = held.get("single", {})
     lines = [
-        "# Steering quality on the toy world (issue 7)",
+        "# Steering quality on the toy world",
         "",
         "Produced by:",
         "",
@@ -117,7 +117,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
         f"{cfg.get('tune_per_concept')} UA + {cfg.get('tune_per_concept')} IRA pairs per "
         f"concept); every other table uses the **held-out** split (seeds 1,000,000+, "
         f"{cfg.get('per_concept')} UA + {cfg.get('per_concept')} IRA pairs per concept), "
-        "never tuned on. Every method sees the same prompts and seeds. Targets (issue 7): "
+        "never tuned on. Every method sees the same prompts and seeds. Targets: "
         "UA ≥ 0.95, IRA ≥ 0.90, CRA ≥ 0.95.",
         "",
         "## Overall (held-out, one concept suppressed at a time)",
@@ -212,9 +212,10 @@ def _method_notes(results: Mapping[str, Any]) -> list[str]:
     notes = ["Methods: **none** (no intervention); **negative_prompt** (the suppressed words "
              "joined with \", \" as negative prompt); **sld** (diffusers' "
              "`StableDiffusionPipelineSafe` on the same components, `SafetyConfig.STRONG`, its "
-             "safety concept = the suppressed words); **saeuron** (the plain SAeUron recipe of "
-             "DESIGN §3 at its best tuned (γ, percentile) per kind); **ours** (this project's "
-             "steering: the bundle's default recipe at the bundle's default γ / percentile)."]
+             "safety concept = the suppressed words); **saeuron** (the plain SAeUron recipe "
+             "(docs/steering-method.md) at its best tuned (γ, percentile) per kind); **ours** "
+             "(this project's steering: the bundle's default recipe at the bundle's default "
+             "γ / percentile)."]
     if "saeuron" in single:
         setting = results.get("saeuron_setting")
         notes.append(f"saeuron's setting per kind (γ, percentile): `{json.dumps(setting)}`.")

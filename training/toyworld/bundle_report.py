@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# What the issue asks of the shipped bundle (checked by tests/training/test_toy_bundle.py).
+# What is asked of the shipped bundle (checked by tests/training/test_toy_bundle.py).
 TARGETS = {"fvu": 0.10, "dead_pct": 5.0}
 
 
@@ -80,8 +80,8 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         "the concept, *kept* = share still showing the prompt's other attributes. The "
         "product's use is safety, so the chosen setting removes most (ties within 0.05 go "
         "to the higher *kept*). The plain SAeUron recipe is not precise on this SAE: strong "
-        "removal costs the other attributes (DESIGN §4 saw the same trade-off); issue 7's "
-        "evaluation and method work replace this small sweep.",
+        "removal costs the other attributes; the evaluation "
+        "(`steer eval`) and the method work replace this small sweep.",
         "",
         "| kind | γ | percentile | removed | kept |",
         "|---|---|---|---|---|",
@@ -93,7 +93,7 @@ def write_bundle_report(out: Path, r: dict) -> Path:
         "canonical prompts that ask for it. *present* = share of images in which the "
         "classifier finds the concept; *others kept* = share in which the prompt's other "
         "two attributes are still found. This is a sanity check; the evaluation with "
-        "baselines and confidence intervals is `steer eval` (issue 7).",
+        "baselines and confidence intervals is `steer eval` (docs/results.md).",
         "",
         "| concept | n | present, plain | present, steered | others kept, steered |",
         "|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Varied captions for toy-world scenes: attributes mentioned or left out, templates, synonyms.
 
 Variation matters: a text encoder that only ever saw full captions gives partial prompts
-and negative prompts no meaning (DESIGN §4), which would make every baseline meaningless.
+and negative prompts no meaning, which would make every baseline meaningless.
 """
 
 from __future__ import annotations

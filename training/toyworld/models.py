@@ -1,6 +1,6 @@
 """Configurations of the toy world's small SD-architecture models (the real diffusers classes).
 
-The recipe is DESIGN §4's, verified on 2 CPU cores: three resolution levels so that the
+The recipe was verified on 2 CPU cores: three resolution levels so that the
 conditioning flows through ``up_blocks[1].attentions[1]`` (with four it did not).
 """
 

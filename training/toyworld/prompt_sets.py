@@ -9,7 +9,7 @@ Three disjoint sets, each with its own seed range so no image is shared between 
   attributes the caption names canonically;
 - ``heldout``: both kinds, new seeds, for the SAE's held-out FVU.
 
-Evaluation (issue 7) uses seeds ≥ ``EVAL_SEED_BASE``, never one of these.
+Evaluation (`steer eval`) uses seeds ≥ ``EVAL_SEED_BASE``, never one of these.
 """
 
 from __future__ import annotations

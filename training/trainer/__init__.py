@@ -1,4 +1,4 @@
-"""TopK SAE training over cached or generated activations (DESIGN §3): `steer train`.
+"""TopK SAE training over cached or generated activations: `steer train`.
 
 Public API: TrainConfig, PRESETS/get_preset, train_sae, evaluate_sae.
 """

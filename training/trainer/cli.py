@@ -128,7 +128,7 @@ def register(root: typer.Typer) -> None:
         gen_batch_size: int = typer.Option(8, min=1, help="Online: prompts per pipeline call."),
         dtype: str = typer.Option("float32", help="Online: pipeline dtype."),
     ) -> None:
-        """Train a TopK SAE (DESIGN §3) with a progress bar; resumable; torchrun for DDP."""
+        """Train a TopK SAE with a progress bar; resumable; torchrun for DDP."""
         from training.trainer.distributed import init_distributed
         from training.trainer.loop import SAE_DIR, train_sae
         from training.trainer.presets import describe, get_preset

@@ -1,4 +1,4 @@
-"""TrainConfig: every setting of one SAE training run (DESIGN §3), validated up front."""
+"""TrainConfig: every setting of one SAE training run, validated up front."""
 
 from __future__ import annotations
 

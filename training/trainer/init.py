@@ -14,7 +14,7 @@ from training.trainer.geometric_median import geometric_median
 def initialise_from_sample(sae: TopKSAE, sample: Tensor, pre: Tensor) -> float:
     """b_dec := geometric median of ``sample``; E := s·D with s fit by least squares.
 
-    E keeps D's directions (DESIGN §3: E initialised equal to D); the scalar s minimises
+    E keeps D's directions (the recipe initialises E equal to D); the scalar s minimises
     Σ‖(x − b_dec) − s·Σ_j z_j d_j‖² over the sample, where z is the unit-E encoding. TopK's
     choice of latents does not depend on s > 0, so only the initial reconstruction's scale
     changes (unit E overshoots with k random directions). ``pre`` [rows, n] is scratch, used in

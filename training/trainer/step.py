@@ -1,4 +1,4 @@
-"""One optimisation step of the TopK SAE (DESIGN §3) over a global batch split across ranks.
+"""One optimisation step of the TopK SAE over a global batch split across ranks.
 
 loss = Σ_ranks ‖x − x̂‖² / D  +  aux_coef · scale · Σ_ranks ‖ê − (x − x̂)‖² / D,
 D = Σ_ranks ‖x − mean_global(x)‖² (sparsify's FVU and AuxK, with global sums).
