@@ -11,23 +11,29 @@ row t a linear score of the image's mean SAE code over tokens (cond half,
     s_{c,t}(image) = z̄_t · W_{c,t} + b_{c,t}
 
 fitted on image-level labels (``training/detector_fit.py``: ridge towards 1 for images that
-show c and 0 for every other image). The evidence at a step is the running mean of s over
-the steps seen so far in the run; the image is "present" for c from the first step the
-running mean reaches the threshold τ_c, and stays so (the gate latches: steering/gate.py).
+show c and 0 for every other image). The evidence at a step is a running mean of s whose
+step weight never falls below ``alpha``:
+
+    m_1 = s_1,    m_t = m_{t-1} + max(1/t, alpha) · (s_t − m_{t-1})
+
+(alpha 0: the plain running mean; alpha > 0 forgets the early, noisy steps at that rate, so a
+concept that the model only settles on late — a shape the prompt leaves unnamed — can still
+raise the evidence). The image is "present" for c from the first step m reaches the
+threshold τ_c, and stays so (the gate latches: steering/gate.py).
 
 τ_c is calibrated on held-out runs: the smallest value that at most a fraction ``fpr`` of
 the held-out images without c reach, in the statistic the gate's latch acts on — the maximum
-over steps of the running mean. The held-out precision and recall at τ_c are stored with it.
+over steps of m. The held-out precision and recall at τ_c are stored with it.
 
-For reporting, an image's final detection score is p_c = sigmoid(max_t running mean − τ_c):
+For reporting, an image's final detection score is p_c = sigmoid(max_t m_t − τ_c):
 0.5 is exactly the calibrated threshold, and it is monotone in the evidence. It is a ranking
 score around the decision, not a calibrated probability: one unit of score is the gap between
 the fitted targets of an image with and without the concept.
 
 Stored as ``weight`` [C, steps, n] (float16), ``bias`` [C, steps] and ``threshold`` [C]
-(float32), with the concept names (the bundle's, in its order), the target false-positive
-rate, where the labels came from, the held-out figures and the fitting command in the
-metadata.
+(float32), with the concept names (the bundle's, in its order), alpha, the target
+false-positive rate, where the labels came from, the held-out figures and the fitting command
+in the metadata (files without alpha were fitted with the plain running mean: alpha 0).
 """
 
 from __future__ import annotations
@@ -48,10 +54,19 @@ DETECTORS_FILE = "detectors.safetensors"
 LABEL_SOURCES = ("judge", "given", "prompt")
 
 
-def running_means(scores: Tensor) -> Tensor:
-    """Running mean over steps (dim 0) of per-step scores [steps, ...]: the gate's evidence."""
-    seen = torch.arange(1, scores.shape[0] + 1, device=scores.device, dtype=scores.dtype)
-    return scores.cumsum(0) / seen.view(-1, *([1] * (scores.ndim - 1)))
+def step_weight(step: int, alpha: float) -> float:
+    """Weight of the ``step``-th score (1-based) in the evidence: max(1/step, alpha)."""
+    return max(1.0 / step, alpha)
+
+
+def running_means(scores: Tensor, alpha: float = 0.0) -> Tensor:
+    """The gate's evidence m_t over steps (dim 0) of per-step scores [steps, ...]: a running
+    mean whose step weight never falls below ``alpha`` (0: the plain running mean)."""
+    out, m = [], scores[0]
+    for t in range(scores.shape[0]):
+        m = scores[0] if t == 0 else m + step_weight(t + 1, alpha) * (scores[t] - m)
+        out.append(m)
+    return torch.stack(out)
 
 
 @dataclass
@@ -68,6 +83,7 @@ class ConceptDetectors:
     # positives, negatives
     heldout: dict[str, dict[str, Any]] = field(default_factory=dict)
     command: str = ""  # the command that fitted them (provenance)
+    alpha: float = 0.0  # the evidence's smallest step weight (0: plain running mean)
 
     def __post_init__(self) -> None:
         self.weight = self.weight.detach().to(torch.float16)
@@ -85,6 +101,8 @@ class ConceptDetectors:
                              f"{', '.join(LABEL_SOURCES)}")
         if not 0.0 < self.fpr < 1.0:
             raise ValueError(f"detectors: fpr {self.fpr} must be between 0 and 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"detectors: alpha {self.alpha} must be between 0 and 1")
 
     @property
     def num_steps(self) -> int:
@@ -106,11 +124,11 @@ class ConceptDetectors:
         return mean_code @ weight.to(mean_code.device, mean_code.dtype).T + bias.to(mean_code)
 
     def statistic(self, codes: Tensor) -> Tensor:
-        """[N, C] max over steps of the running mean score, from mean codes [steps, N, n]:
-        what τ is calibrated on and the gate's latch compares with τ."""
+        """[N, C] max over steps of the evidence m, from mean codes [steps, N, n]: what τ is
+        calibrated on and the gate's latch compares with τ."""
         per_step = torch.stack([self.scores(codes[t].float(), t)
                                 for t in range(codes.shape[0])])
-        return running_means(per_step).max(0).values
+        return running_means(per_step, self.alpha).max(0).values
 
     def probability(self, statistic: Tensor) -> Tensor:
         """Final detection score sigmoid(statistic − τ) per image and concept (0.5 at τ)."""
@@ -130,7 +148,7 @@ class ConceptDetectors:
         """The same detectors with their tensors on ``device``."""
         return ConceptDetectors(list(self.concepts), self.weight.to(device),
                                 self.bias.to(device), self.threshold.to(device), self.fpr,
-                                self.labels, dict(self.heldout), self.command)
+                                self.labels, dict(self.heldout), self.command, self.alpha)
 
     def save(self, path: str | Path) -> None:
         """One safetensors file; names, fpr, label source and held-out figures in metadata."""
@@ -139,6 +157,7 @@ class ConceptDetectors:
                    "threshold": self.threshold.contiguous().cpu()},
                   str(path), metadata={"concepts": json.dumps(self.concepts),
                                        "fpr": json.dumps(self.fpr),
+                                       "alpha": json.dumps(self.alpha),
                                        "labels": self.labels,
                                        "heldout": json.dumps(self.heldout, sort_keys=True),
                                        "command": self.command})
@@ -155,12 +174,13 @@ class ConceptDetectors:
             return cls(json.loads(meta["concepts"]), f.get_tensor("weight"),
                        f.get_tensor("bias"), f.get_tensor("threshold"),
                        float(json.loads(meta["fpr"])), meta["labels"],
-                       json.loads(meta.get("heldout", "{}")), meta.get("command", ""))
+                       json.loads(meta.get("heldout", "{}")), meta.get("command", ""),
+                       float(json.loads(meta.get("alpha", "0"))))
 
 
 class DetectorReadout:
     """The detectors' running evidence over one generation, per image and concept: fed each
-    step's mean codes, it keeps the running mean's maximum and whether it has reached τ.
+    step's mean codes, it keeps the evidence m's maximum and whether it has reached τ.
 
     Tensor arithmetic only (no host synchronisation on CUDA), so the steering hook and the
     gate call it at every step. ``members`` restricts it to some concepts (indices into
@@ -172,9 +192,10 @@ class DetectorReadout:
         self.weight = detectors.weight[self.members]  # [M, steps, n]
         self.bias = detectors.bias[self.members]  # [M, steps]
         self.threshold = detectors.threshold[self.members]  # [M]
+        self.alpha = detectors.alpha
         self.steps = 0
-        self.total: Tensor | None = None  # [B, M] sum of scores so far
-        self.best: Tensor | None = None  # [B, M] max over steps of the running mean
+        self.mean: Tensor | None = None  # [B, M] the evidence m so far
+        self.best: Tensor | None = None  # [B, M] max over steps of m
         self.found: Tensor | None = None  # [B, M] bool: reached τ at some step
 
     def update(self, mean_code: Tensor, row: int) -> None:
@@ -184,14 +205,15 @@ class DetectorReadout:
                 t.to(mean_code.device) for t in (self.weight, self.bias, self.threshold))
         score = mean_code @ self.weight[:, row].float().T + self.bias[:, row]
         self.steps += 1
-        self.total = score if self.total is None else self.total + score
-        mean = self.total / self.steps
+        mean = score if self.mean is None else (
+            self.mean + step_weight(self.steps, self.alpha) * (score - self.mean))
+        self.mean = mean
         now = mean >= self.threshold
         self.found = now if self.found is None else self.found | now
         self.best = mean if self.best is None else torch.maximum(self.best, mean)
 
     def probability(self) -> Tensor | None:
-        """[B, M] sigmoid(max running mean − τ): 0.5 at the calibrated threshold (None
+        """[B, M] sigmoid(max over steps of m − τ): 0.5 at the calibrated threshold (None
         before any step)."""
         if self.best is None:
             return None

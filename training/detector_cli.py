@@ -39,11 +39,18 @@ def bundle_fit_detector(
     batch_size: int = typer.Option(8, min=1, help="Runs per pipeline call."),
     ridge: float = typer.Option(1.0, min=0.0, help="Ridge strength (per run, on "
                                 "standardised codes)."),
+    alpha: float = typer.Option(0.3, min=0.0, max=1.0, help="Smallest step weight of the "
+                                "evidence (a running mean of the per-step scores; 0: the "
+                                "plain mean). Higher lets concepts that form late count."),
+    work_dir: Path | None = typer.Option(None, help="Keep the recorded runs (codes and the "
+                                         "judge's labels) here: a killed fit resumes and a "
+                                         "refit with other --ridge/--alpha/--fpr records "
+                                         "nothing again."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
 ) -> None:
     """Fit one present/absent detector per bundle concept on unedited runs and calibrate its
     threshold to --fpr on held-out runs (format 5); gated recipes then decide each concept
-    on its own. Not resumable: a killed fit is rerun from the start."""
+    on its own. Resumable with --work-dir."""
     from tqdm import tqdm
 
     from steering.pipeline import SteeredPipeline
@@ -68,7 +75,8 @@ def bundle_fit_detector(
         with tqdm(total=len(records), unit="img", desc=f"detectors ({source} labels)") as bar:
             detectors = fit_bundle_detectors(
                 steered, records, guidance, source, judge_fn, fpr, holdout, steps,
-                batch_size, ridge, progress=bar.update, command=_command())
+                batch_size, ridge, progress=bar.update, command=_command(), alpha=alpha,
+                work_dir=work_dir)
         b.detectors = detectors.to("cpu")
         b.save(bundle)
     typer.echo(f"added detectors for {len(detectors.concepts)} concepts ({len(records)} runs, "

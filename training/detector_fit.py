@@ -23,9 +23,12 @@ threshold is calibrated on held-out runs anyway, so the score need not be a prob
 
 The threshold τ_c is calibrated on a held-out split (a hash of prompt and seed, so a run
 stays on its side when the runs file grows): the smallest value that at most a fraction
-``fpr`` of the held-out negatives reach, in the maximum over steps of the running mean score
-(what the gate's latch acts on). Held-out precision and recall at τ_c are reported and
-stored. Fitting is not resumable: a killed fit is rerun from the start.
+``fpr`` of the held-out negatives reach, in the maximum over steps of the evidence
+(steering/detector.py: the running mean with a step-weight floor; what the gate's latch
+acts on). Held-out precision and recall at τ_c are reported and
+stored. With a work folder every recorded batch (codes and the judge's labels) is kept on
+disk (training/run_store.py), so a killed fit resumes and a refit with other settings (ridge,
+alpha, fpr) records nothing again.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from steering.hooks import cond_half, to_tokens
 from steering.pipeline import SteeredPipeline
 from steering.recording import generate_with
 from training.jsonl import is_seed, read_objects
+from training.run_store import RunStore
 
 Judge = Callable[[list[Image.Image]], list[set[str]]]
 MIN_RUNS = 3  # positives and negatives per concept, in each split
@@ -102,16 +106,34 @@ def load_judge(spec: str) -> Judge:
 
 def record_mean_codes(steered: SteeredPipeline, prompts: Sequence[str], seeds: Sequence[int],
                       steps: int, guidance: float, batch_size: int = 64,
-                      progress: Callable[[int], None] | None = None,
-                      on_images: Callable[[list[Image.Image]], None] | None = None) -> Tensor:
+                      progress: Callable[[int], None] | None = None) -> Tensor:
     """[steps, len(prompts), n] float16: each unedited run's mean SAE code over tokens at the
-    hook (the cond half under guidance), per table row; ``on_images`` gets each batch's
-    images (to judge the very runs recorded)."""
+    hook (the cond half under guidance), per table row."""
+    return record_runs(steered, prompts, seeds, steps, guidance, batch_size, progress)[0]
+
+
+def record_runs(steered: SteeredPipeline, prompts: Sequence[str], seeds: Sequence[int],
+                steps: int, guidance: float, batch_size: int = 64,
+                progress: Callable[[int], None] | None = None,
+                label: Callable[[list[Image.Image]], list[set[str]]] | None = None,
+                store: RunStore | None = None) -> tuple[Tensor, list[set[str]] | None]:
+    """Mean codes as :func:`record_mean_codes` and, with ``label``, its verdict on each
+    batch's images (the very runs recorded); batches found in ``store`` are not generated
+    again, and each new one is saved there."""
     if steered.bundle is None:
         raise ValueError("recording codes per table row needs a pipeline loaded with its bundle")
     sae = steered.sae
     out: list[Tensor] = []
+    labels: list[set[str]] = []
     for start in range(0, len(prompts), batch_size):
+        end = min(start + batch_size, len(prompts))
+        kept = store.load(start, prompts[start:end], seeds[start:end]) if store else None
+        if kept is not None and (label is None or kept[1] is not None):
+            out.append(kept[0])
+            labels.extend(kept[1] or [])
+            if progress is not None:
+                progress(end - start)
+            continue
         rows: dict[int, Tensor] = {}
 
         def record(step: int, t: int, r: int | None, x: Tensor,
@@ -124,18 +146,19 @@ def record_mean_codes(steered: SteeredPipeline, prompts: Sequence[str], seeds: S
                                sae.num_latents)
             rows[r] = codes.half().cpu()
 
-        end = min(start + batch_size, len(prompts))
         images = generate_with(steered, prompts[start:end], seeds[start:end], steps, guidance,
                                record)
         if len(rows) != steered.bundle.tables.num_steps:
             raise ValueError(f"the runs visited {len(rows)} table rows, the bundle has "
                              f"{steered.bundle.tables.num_steps}: use the bundle's step count")
         out.append(torch.stack([rows[r] for r in sorted(rows)]))
-        if on_images is not None:
-            on_images(list(images))
+        verdict = label(list(images)) if label is not None else None
+        labels.extend(verdict or [])
+        if store is not None:
+            store.save(start, prompts[start:end], seeds[start:end], out[-1], verdict)
         if progress is not None:
             progress(end - start)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1), (labels if label is not None else None)
 
 
 def ridge_readout(x: Tensor, y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
@@ -204,10 +227,10 @@ def calibrate_threshold(negatives: Tensor, fpr: float) -> float:
 def fit_detectors(codes: Tensor, labels: Sequence[set[str]], concepts: Sequence[str],
                   heldout: Tensor, fpr: float = 0.01, label_source: str = "judge",
                   ridge: float = 1.0, fraction: float = 0.25, min_runs: int = MIN_RUNS,
-                  command: str = "") -> ConceptDetectors:
+                  command: str = "", alpha: float = 0.0) -> ConceptDetectors:
     """Detectors for ``concepts`` (the bundle's, in order) from mean codes [steps, N, n],
     each run's label set and the held-out mask: ridge on the fit split, τ and the held-out
-    precision/recall on the rest."""
+    precision/recall (of the evidence with step-weight floor ``alpha``) on the rest."""
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr {fpr} must be between 0 and 1 (e.g. 0.01)")
     check_counts(labels, concepts, heldout, fraction, min_runs)
@@ -225,7 +248,7 @@ def fit_detectors(codes: Tensor, labels: Sequence[set[str]], concepts: Sequence[
         bias[:, t] = b + y_mean
     detectors = ConceptDetectors(list(concepts), weight, bias.float(),
                                  torch.zeros(len(concepts)), fpr, label_source,
-                                 command=command)
+                                 command=command, alpha=alpha)
     # calibrated on what serving computes: the stored float16 weights
     stat = detectors.statistic(codes[:, heldout])  # [N_held, C]
     truth = target[heldout].bool()
@@ -282,9 +305,11 @@ def fit_bundle_detectors(steered: SteeredPipeline, runs: Sequence[Run], guidance
                          holdout: float = 0.25, steps: int | None = None,
                          batch_size: int = 64, ridge: float = 1.0,
                          progress: Callable[[int], None] | None = None,
-                         command: str = "") -> ConceptDetectors:
+                         command: str = "", alpha: float = 0.0,
+                         work_dir: str | Path | None = None) -> ConceptDetectors:
     """Record (and, with a judge, judge) the runs with ``steered``'s bundle and fit its
-    detectors; labels known up front are checked before any image is generated."""
+    detectors; labels known up front are checked before any image is generated. With
+    ``work_dir`` the recorded batches are kept there and reused (resumable)."""
     bundle = steered.bundle
     if bundle is None:
         raise ValueError("fitting the detectors needs a pipeline loaded with its bundle")
@@ -298,18 +323,21 @@ def fit_bundle_detectors(steered: SteeredPipeline, runs: Sequence[Run], guidance
         labels = [set(r.concepts or ()) & set(concepts) for r in runs]
     if labels:
         check_counts(labels, concepts, heldout, holdout)  # fail before generating
-    on_images = None
+    label = None
     if label_source == "judge":
         assert judge is not None
 
-        def on_images(images: list[Image.Image]) -> None:
-            labels.extend(judged(judge, images, set(concepts)))
+        def label(images: list[Image.Image]) -> list[set[str]]:
+            return judged(judge, images, set(concepts))
 
-    codes = record_mean_codes(steered, prompts, [r.seed for r in runs],
-                              steps or bundle.manifest.steps, guidance, batch_size, progress,
-                              on_images)
-    return fit_detectors(codes, labels, concepts, heldout, fpr, label_source, ridge, holdout,
-                         command=command)
+    steps = steps or bundle.manifest.steps
+    store = None if work_dir is None else RunStore(
+        work_dir, bundle.manifest.pipeline_fingerprint, steps, guidance)
+    codes, verdicts = record_runs(steered, prompts, [r.seed for r in runs], steps, guidance,
+                                  batch_size, progress, label, store)
+    return fit_detectors(codes, verdicts if verdicts is not None else labels, concepts,
+                         heldout, fpr, label_source, ridge, holdout, command=command,
+                         alpha=alpha)
 
 
 def report_lines(detectors: ConceptDetectors) -> list[str]:

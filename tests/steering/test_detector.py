@@ -85,6 +85,31 @@ def test_running_means_and_statistic_match_the_gate():
     assert det.probability(det.threshold.expand(5, 3)).tolist() == [[0.5] * 3] * 5
 
 
+def test_alpha_floors_the_step_weight_so_late_evidence_counts():
+    scores = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0])  # the concept forms at step 4
+    plain = running_means(scores)
+    assert plain.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.25, 0.4])
+    floored = running_means(scores, alpha=0.5)  # weights 1, 1/2, 1/2, 1/2, 1/2
+    assert floored.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.5, 0.75])
+    assert running_means(scores, alpha=1.0).tolist() == scores.tolist()  # last step only
+    # the gate's step-by-step readout computes the same evidence as the calibration
+    det = feature_detectors()
+    det.alpha = 0.5
+    per_image = torch.rand(4, 3, 8)  # [steps, N, n]
+    det.weight = det.weight[:, :1].expand(3, 4, 8).clone()
+    det.bias = torch.zeros(3, 4)
+    gate = gate_with(det)
+    for row in range(4):
+        token = [[{f: float(per_image[row, i, f]) for f in range(8)}] for i in range(3)]
+        values, indices = codes(*token)
+        gate.update(values, indices, row=row)
+    torch.testing.assert_close(gate.readout.best, det.statistic(per_image), rtol=1e-3,
+                               atol=1e-3)
+    with pytest.raises(ValueError, match="alpha"):
+        ConceptDetectors(["a"], torch.zeros(1, 2, 8), torch.zeros(1, 2), torch.zeros(1),
+                         alpha=1.5)
+
+
 def test_calibration_keeps_the_false_positive_rate_on_held_out_negatives():
     g = torch.Generator().manual_seed(0)
     for n_neg, fpr in ((20, 0.01), (400, 0.01), (400, 0.05), (1000, 0.1)):
@@ -112,6 +137,9 @@ def test_round_trip_and_refusals(tmp_path):
     back = ConceptDetectors.load(tmp_path / "d.safetensors")
     assert (back.concepts, back.fpr, back.labels, back.heldout) == (
         ["a", "b", "c"], 0.01, "judge", det.heldout)
+    det.alpha = 0.3
+    det.save(tmp_path / "d.safetensors")
+    assert ConceptDetectors.load(tmp_path / "d.safetensors").alpha == 0.3
     assert torch.equal(back.weight, det.weight) and torch.equal(back.threshold, det.threshold)
     back.validate(["a", "b", "c"], n_latents=8, num_steps=2)
     with pytest.raises(ValueError, match="steer bundle fit-detector"):

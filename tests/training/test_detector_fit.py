@@ -183,3 +183,37 @@ def test_fit_detector_command_from_the_docs_then_generation_gates_by_it(tmp_path
     found = gates[0].present(loaded.tables.concept_index("circle"))
     assert found.tolist() == [False, True]  # the cross is left alone
     assert gates[0].detection()[loaded.tables.concept_index("circle")].shape == (2,)
+
+
+def test_a_work_dir_keeps_the_recorded_runs_so_a_refit_generates_nothing(tmp_path,
+                                                                          monkeypatch):
+    import training.detector_fit as fit_module
+    from steering.pipeline import SteeredPipeline
+    from training.detector_fit import fit_bundle_detectors
+    from training.toyworld.judge import judge
+
+    steered = SteeredPipeline.from_pretrained(ASSETS / "toy-pipeline", ASSETS / "toy-bundle")
+    runs = [Run(r["prompt"], r["seed"]) for r in toy_runs()]
+    calls = []
+    real = fit_module.generate_with
+
+    def counting(steered, prompts, *a, **kw):
+        calls.append(len(prompts))
+        return real(steered, prompts, *a, **kw)
+
+    monkeypatch.setattr(fit_module, "generate_with", counting)
+
+    def fit(runs, alpha=0.3):
+        return fit_bundle_detectors(steered, runs, 4.0, "judge", judge, holdout=0.5,
+                                    batch_size=16, alpha=alpha, work_dir=tmp_path / "work")
+
+    first = fit(runs)
+    assert sum(calls) == len(runs) and first.alpha == 0.3
+    calls.clear()
+    again = fit(runs, alpha=0.0)  # another setting: nothing recorded again
+    assert calls == [] and again.alpha == 0.0
+    assert torch.equal(again.weight, first.weight)  # same codes, same labels, same ridge
+    # a changed run re-records its own batch only
+    runs[20] = Run(runs[20].prompt, runs[20].seed + 10_000)
+    fit(runs)
+    assert calls == [16]
