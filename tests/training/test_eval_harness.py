@@ -305,3 +305,42 @@ def test_implicit_prompts_leave_the_kind_unnamed() -> None:
     assert len({(it.asked["shape"], it.asked["background"]) for it in items}) == 12
     seeds = {it.seed for it in items}
     assert not seeds & {it.seed for s in _all_sets(P.BLOCK)["heldout"] for it in s.items}
+
+
+def test_smoke_reports_the_detectors_against_the_judge(smoke) -> None:
+    """The unedited runs carry the detectors' findings: precision and recall per concept on
+    the direct and implicit sets, in results.json and results.md."""
+    detection = smoke["results"]["heldout"]["detection"]
+    assert detection["images"] == {"direct": 16, "implicit": 8}  # ua + ira of red, circle
+    for c in ("red", "circle"):
+        figures = detection["per_concept"][c]
+        assert figures["recall"]["trials"] >= 4  # at least the 4 UA images showing c
+        assert figures["implicit_recall"]["trials"] <= figures["recall"]["trials"]
+    md = (smoke["root"] / "docs" / "results.md").read_text()
+    assert "## Detection (held-out, unedited runs)" in md
+
+
+class DetectingMethod(CountingMethod):
+    """A fake method that also reports detections: red in every image."""
+
+    def generate_detected(self, prompts, seeds, suppressed):
+        return self.generate(prompts, seeds, suppressed), [frozenset({"red"})] * len(prompts)
+
+
+def test_detections_are_stored_with_the_cell_and_read_back(tmp_path: Path) -> None:
+    from training.evaluation.metrics import detection_metrics
+
+    cache = CellCache(tmp_path)
+    first = run_jobs(_jobs(DetectingMethod(), 3), EchoJudge(), cache, progress=False)
+    assert first[0][0].detected == frozenset({"red"})
+    again = DetectingMethod()
+    assert run_jobs(_jobs(again, 3), EchoJudge(), cache, progress=False) == first
+    assert again.calls == 0
+    images = [j for cell in first for j in cell]
+    red = detection_metrics(images, "red")  # the judge sees red everywhere: all agree
+    assert (red["precision"].value, red["recall"].value) == (1.0, 1.0)
+    circle = detection_metrics(images, "circle")  # the judge sees circles, never flagged
+    assert circle["recall"].value == 0.0 and circle["precision"].trials == 0
+    plain = run_jobs(_jobs(CountingMethod("other"), 2), EchoJudge(), cache, progress=False)
+    assert plain[0][0].detected is None  # a method without detections records none
+    assert detection_metrics([j for c in plain for j in c], "red")["recall"].trials == 0

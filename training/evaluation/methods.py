@@ -79,16 +79,30 @@ class PipelineMethod:
             raise ValueError(f"PipelineMethod is none or negative_prompt, not {self.name!r}")
         self.settings = {"steps": self.steps, "guidance": self.guidance}
         self.uses_suppressed = self.name != "none"
+        bundle = self.steered.bundle
+        if bundle is not None and bundle.detectors is not None:
+            # the detections recorded with each image come from these detectors
+            self.settings["detectors"] = bundle.manifest.files.get("detectors.safetensors")
         if self.name == "negative_prompt":
             self.settings["negative_prompt"] = "the suppressed words joined with ', '"
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int],
                  suppressed: Sequence[str]) -> list[Image.Image]:
         """Generate without steering (with the suppressed words as negative prompt)."""
+        return self.generate_detected(prompts, seeds, suppressed)[0]
+
+    def generate_detected(self, prompts: Sequence[str], seeds: Sequence[int],
+                          suppressed: Sequence[str]
+                          ) -> tuple[list[Image.Image], list[frozenset[str]] | None]:
+        """The images and, when the bundle has detectors, the concepts they found in each
+        run (its detection score at or above the calibrated threshold, 0.5)."""
         negative = ", ".join(suppressed) if self.name == "negative_prompt" else None
         request = GenerationRequest.batch(prompts, seeds, steps=self.steps,
                                           guidance=self.guidance, negative_prompt=negative)
-        return self.steered.generate(request).images
+        result = self.steered.generate(request)
+        found = ([frozenset(c for c, p in row.items() if p >= 0.5) for row in result.detection]
+                 if "detectors" in self.settings else None)
+        return list(result.images), found
 
 
 @dataclass

@@ -63,12 +63,14 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
 
 @dataclass(frozen=True)
 class Judged:
-    """One image: what its prompt asked for, what the classifier found and a digest of its
-    pixels (to tell an untouched image from an edited one)."""
+    """One image: what its prompt asked for, what the classifier found, a digest of its
+    pixels (to tell an untouched image from an edited one) and, where the method reports it,
+    the concepts the bundle's detectors found in the run (None when not recorded)."""
 
     asked: Mapping[str, str]
     predicted: Mapping[str, str]
     pixels: str = ""
+    detected: frozenset[str] | None = None
 
 
 def steering_metrics(judged: Sequence[Judged], suppressed: Collection[str],
@@ -123,6 +125,22 @@ def implicit_metrics(pairs: Sequence[Paired], concept: str) -> dict[str, Rate]:
             false_edits = (false_edits[0] + p.changed, false_edits[1] + 1)
             kept = (kept[0] + (dict(p.steered) == dict(p.unedited)), kept[1] + 1)
     return {"removal": Rate(*removal), "false_edits": Rate(*false_edits), "kept": Rate(*kept)}
+
+
+def detection_metrics(judged: Sequence[Judged], concept: str) -> dict[str, Rate]:
+    """The detectors' precision and recall for ``concept`` against the judge, over the
+    images whose detections were recorded: precision = judge agrees among the flagged
+    images, recall = flagged among the images the judge finds it in."""
+    precision = recall = (0, 0)
+    for image in judged:
+        if image.detected is None:
+            continue
+        shown, flagged = concept in image.predicted.values(), concept in image.detected
+        if flagged:
+            precision = (precision[0] + shown, precision[1] + 1)
+        if shown:
+            recall = (recall[0] + flagged, recall[1] + 1)
+    return {"precision": Rate(*precision), "recall": Rate(*recall)}
 
 
 def pixel_digest(image: Any) -> str:

@@ -167,6 +167,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, images: Sequence[str]
                            for k in next(iter(multi.values()))["by_size"]
                            for n, f in multi.items() if k in f["by_size"]])
     lines += _implicit_section(held.get("implicit", {}))
+    lines += _detection_section(held.get("detection", {}))
     lines += _sweep_section(results)
     for image in images:
         lines += [f"![{Path(image).stem}]({image})", ""]
@@ -198,6 +199,25 @@ def _implicit_section(implicit: Mapping[str, Any]) -> list[str]:
     rows += [["**all**", n, _v(f["overall"]["removal"]), _v(f["overall"]["false_edits"]),
               _v(f["overall"]["kept"])] for n, f in implicit.items()]
     return lines + _table(["concept", "method", "removal", "false edits", "kept"], rows)
+
+
+def _detection_section(detection: Mapping[str, Any]) -> list[str]:
+    """The bundle's detectors against the judge on the unedited held-out runs."""
+    if not detection:
+        return []
+    images = detection["images"]
+    lines = ["## Detection (held-out, unedited runs)", "",
+             f"The bundle's detectors at their stored thresholds against the judge, on the "
+             f"unedited runs of the direct sets (UA and IRA prompts, {images['direct']:,} "
+             f"images) and of the implicit set ({images['implicit']:,} images). "
+             "**Precision**: of the images a detector flags, the share the judge finds the "
+             "concept in; **recall**: of the images the judge finds it in, the share flagged "
+             "(targets ≥ 0.95 on both sets together). The implicit columns are the images "
+             "whose prompt leaves the kind unnamed.", ""]
+    rows = [[c, _v(f["precision"]), _v(f["recall"]), _v(f["implicit_precision"]),
+             _v(f["implicit_recall"])] for c, f in detection["per_concept"].items()]
+    return lines + _table(["concept", "precision", "recall", "implicit precision",
+                           "implicit recall"], rows)
 
 
 def _kinds(single: Mapping[str, Any]) -> list[str]:

@@ -37,6 +37,7 @@ from training.evaluation.metrics import (
     Judged,
     Paired,
     Rate,
+    detection_metrics,
     implicit_metrics,
     pixel_digest,
     steering_metrics,
@@ -112,13 +113,14 @@ class CellCache:
         record: dict[str, Any] = {"method": job.method.name, "settings": job.method.settings,
                                   "suppressed": list(job.suppressed),
                                   "prompt_set": job.prompts.name, "items": [],
-                                  "predictions": [], "pixels": []}
+                                  "predictions": [], "pixels": [], "detected": []}
         if path.exists() and not (job.method.name in self.rerun and path not in self._fresh):
             try:
                 stored = json.loads(path.read_text())
                 record["items"] = stored["items"]
                 record["predictions"] = stored["predictions"]
                 record["pixels"] = stored["pixels"]
+                record["detected"] = stored.get("detected", [])
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cell (or one from before pixel digests) is regenerated
         self._fresh.add(path)
@@ -131,10 +133,13 @@ class CellCache:
             valid += 1
         if valid < len(record["predictions"]) and valid < len(wanted):
             record["items"], record["predictions"], record["pixels"] = [], [], []  # diverged
+            record["detected"] = []
             valid = 0
-        return record, [Judged(it.asked, p, px) for it, p, px in zip(
-            job.prompts.items, record["predictions"][:valid], record["pixels"][:valid],
-            strict=False)]
+        detected = record["detected"] + [None] * (valid - len(record["detected"]))
+        return record, [Judged(it.asked, p, px, None if d is None else frozenset(d))
+                        for it, p, px, d in zip(job.prompts.items, record["predictions"][:valid],
+                                                record["pixels"][:valid], detected,
+                                                strict=False)]
 
     def save(self, job: Job, record: dict[str, Any], judged: list[Judged]) -> None:
         """Store the judgements made so far (never shortening a longer stored cell)."""
@@ -142,6 +147,8 @@ class CellCache:
             record["items"] = _items_record(job.prompts)[:len(judged)]
             record["predictions"] = [dict(j.predicted) for j in judged]
             record["pixels"] = [j.pixels for j in judged]
+            record["detected"] = [None if j.detected is None else sorted(j.detected)
+                                  for j in judged]
         _write_json(self.path(job), record)
 
     def image_path(self, job: Job) -> Path:
@@ -186,16 +193,24 @@ def run_jobs(jobs: Sequence[Job], predictor: Predictor, cache: CellCache, batch_
                 job0 = jobs[chunk[0][0]]
                 items = [jobs[j].prompts.items[i] for j, i in chunk]
                 t0 = time.perf_counter()
-                images = job0.method.generate([it.prompt for it in items],
-                                              [it.seed for it in items], job0.suppressed)
+                prompts, seeds = [it.prompt for it in items], [it.seed for it in items]
+                detected: Sequence[frozenset[str] | None]
+                if hasattr(job0.method, "generate_detected"):
+                    images, found = job0.method.generate_detected(prompts, seeds,
+                                                                  job0.suppressed)
+                    detected = found if found is not None else [None] * len(images)
+                else:
+                    images = job0.method.generate(prompts, seeds, job0.suppressed)
+                    detected = [None] * len(images)
                 stats.seconds += time.perf_counter() - t0
                 stats.calls += 1
                 stats.images += len(images)
                 judged = predictor.predict(images)
                 touched = []
-                for (j, i), item, image, p in zip(chunk, items, images, judged, strict=True):
+                for (j, i), item, image, p, d in zip(chunk, items, images, judged, detected,
+                                                     strict=True):
                     assert len(preds[j]) == i, "cells are filled in order"
-                    preds[j].append(Judged(item.asked, dict(p), pixel_digest(image)))
+                    preds[j].append(Judged(item.asked, dict(p), pixel_digest(image), d))
                     if i == 0:
                         path = cache.image_path(jobs[j])
                         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +263,22 @@ def implicit_figures(per_concept: dict[str, dict[str, Rate]]) -> dict[str, Any]:
     return {"per_concept": {c: {m: r.to_dict() for m, r in rates.items()}
                             for c, rates in per_concept.items()},
             "overall": {m: r.to_dict() for m, r in pooled.items()}}
+
+
+def detection_figures(concepts: Sequence[str], direct: Sequence[Judged],
+                      unnamed: Sequence[Judged]) -> dict[str, Any]:
+    """Per concept, the detectors' precision and recall against the judge on the direct and
+    implicit sets together ("all") and on the implicit set alone ("implicit")."""
+    per_concept = {}
+    for c in concepts:
+        both = detection_metrics([*direct, *unnamed], c)
+        alone = detection_metrics(unnamed, c)
+        per_concept[c] = {"precision": both["precision"].to_dict(),
+                          "recall": both["recall"].to_dict(),
+                          "implicit_precision": alone["precision"].to_dict(),
+                          "implicit_recall": alone["recall"].to_dict()}
+    return {"per_concept": per_concept, "images": {"direct": len(direct),
+                                                   "implicit": len(unnamed)}}
 
 
 def choose(points: Sequence[dict[str, Any]], kind: str, level: str = "per_kind"
@@ -488,6 +519,16 @@ class Evaluation:
             per_method.setdefault(method.name, {})[c] = implicit_metrics(pairs, c)
         for name, per_concept in per_method.items():
             out["implicit"][name] = implicit_figures(per_concept)
+        # the detectors against the judge, on the unedited runs of the direct and implicit sets
+        direct = [j for job, js in zip((p[-1] for p in plan), judged, strict=True)
+                  if job.method.name == "none" and job.prompts.name.split("/")[1] in ("ua", "ira")
+                  for j in js]
+        # every steered method shares the one unedited cell per concept: count it once
+        reference_cells = {c: js for (_, c, _, _), js in zip(implicit, paired[1::2],
+                                                              strict=True)}
+        unnamed = [j for js in reference_cells.values() for j in js]
+        if any(j.detected is not None for j in direct + unnamed):
+            out["detection"] = detection_figures(cfg.concepts, direct, unnamed)
         for method in methods:
             name = method.name
             out["single"][name] = {"settings": method.settings, **figures(
