@@ -6,11 +6,15 @@ can only come from E's edit — e.g. yellow's learned swap turns yellow into red
 suppression is applied last, on what E's edit made. 8 seeds per pair, 110 pairs.
 
 The target is that the judge (the attribute classifier) finds P in at most 1 % of the
-images. Measured on the format-5 toy bundle: 16 of 880 (1.8 %) — no colour comes back any
-more (yellow's swap to red under "red always removed" was the bypass), but shape swaps
-sometimes draw another shape (a triangle suppressed towards a circle comes out as a cross or
-a square) that the shape detectors, weakest on late-emerging outlines, miss. This test
-guards the measured level (≤ 2.5 %) until the target is reached; docs/serving.md says so."""
+images. Measured on the format-5 toy bundle: 16 of 880 (1.8 %) with the first detectors and
+17 of 880 (1.9 %) with the refitted ones (4,096 runs, step-weight floor 0.3) — no colour
+comes back any more (yellow's swap to red under "red always removed" was the bypass); 16 of
+the 17 are shapes. Shape swaps sometimes draw an in-between blob (a triangle swapped towards
+a circle comes out as a rounded square the judge calls "square", or an outline it calls
+"cross"); the detectors, reading the edited activations, see the swap's target there (the
+square score falls from ≈ 0.45 to ≈ 0.30 after the edit), so the final suppression is not
+triggered. Better detectors do not fix this; cleaner shape swaps would. This test guards the
+measured level (≤ 2.5 %) until the target is reached; docs/serving.md says so."""
 
 from __future__ import annotations
 

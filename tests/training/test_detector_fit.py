@@ -152,7 +152,7 @@ def test_fit_detector_command_from_the_docs_then_generation_gates_by_it(tmp_path
     args = docs_command()[1:]  # without "steer"
     where = {"bundles/sd14-safety": str(bundle), "sd14/": str(ASSETS / "toy-pipeline"),
              "runs.jsonl": str(runs), "labs.judges:nudity": "training.toyworld.judge:judge",
-             "cuda": "cpu"}
+             "cuda": "cpu", "detector-runs": str(tmp_path / "work")}
     args = [where.get(a, a) for a in args]
     # the toy bundle's sampling, and half the runs held out: 60 runs, few per concept
     args += ["--guidance", "4", "--holdout", "0.5", "--batch-size", "64"]
