@@ -6,7 +6,7 @@ holds none of them still gets one, and a kind with one concept is always "presen
 concepts ("nudity", an artist's style) appear in images whose prompt never names them and are
 absent from most images, so each concept gets its own detector here. Per concept c and table
 row t a linear score of the image's mean SAE code over tokens (cond half,
-:func:`steering.gate_probe.mean_codes`):
+:func:`steering.readout.mean_codes`):
 
     s_{c,t}(image) = z̄_t · W_{c,t} + b_{c,t}
 
@@ -42,12 +42,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from steering.readout import LinearReadout
 
 DETECTORS_FILE = "detectors.safetensors"
 # where a fit's labels came from: a judge of the generated images, the runs file, the prompt
@@ -70,12 +72,9 @@ def running_means(scores: Tensor, alpha: float = 0.0) -> Tensor:
 
 
 @dataclass
-class ConceptDetectors:
+class ConceptDetectors(LinearReadout):
     """Per concept and table row, a linear score of the mean SAE code; per concept, τ."""
 
-    concepts: list[str]
-    weight: Tensor  # [C, steps, n]
-    bias: Tensor  # [C, steps]
     threshold: Tensor  # [C]
     fpr: float = 0.01
     labels: str = "prompt"
@@ -85,13 +84,14 @@ class ConceptDetectors:
     command: str = ""  # the command that fitted them (provenance)
     alpha: float = 0.0  # the evidence's smallest step weight (0: plain running mean)
 
+    WHAT: ClassVar[str] = "detectors"
+    REFIT: ClassVar[str] = "steer bundle fit-detector"
+
     def __post_init__(self) -> None:
-        self.weight = self.weight.detach().to(torch.float16)
-        self.bias = self.bias.detach().to(torch.float32)
+        super().__post_init__()
         self.threshold = self.threshold.detach().to(torch.float32)
         c = len(self.concepts)
-        if not (self.weight.ndim == 3 and self.bias.shape == self.weight.shape[:2]
-                and self.weight.shape[0] == c and self.threshold.shape == (c,)):
+        if self.threshold.shape != (c,):
             raise ValueError(f"detectors: weight {list(self.weight.shape)}, bias "
                              f"{list(self.bias.shape)}, threshold "
                              f"{list(self.threshold.shape)} and {c} concepts must be "
@@ -103,16 +103,6 @@ class ConceptDetectors:
             raise ValueError(f"detectors: fpr {self.fpr} must be between 0 and 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"detectors: alpha {self.alpha} must be between 0 and 1")
-
-    @property
-    def num_steps(self) -> int:
-        """Table rows the detectors were fitted for."""
-        return int(self.weight.shape[1])
-
-    @property
-    def n_latents(self) -> int:
-        """Width of the SAE code they read."""
-        return int(self.weight.shape[2])
 
     def scores(self, mean_code: Tensor, row: int, members: Sequence[int] | None = None
                ) -> Tensor:
@@ -133,16 +123,6 @@ class ConceptDetectors:
     def probability(self, statistic: Tensor) -> Tensor:
         """Final detection score sigmoid(statistic − τ) per image and concept (0.5 at τ)."""
         return torch.sigmoid(statistic - self.threshold.to(statistic))
-
-    def validate(self, concepts: Sequence[str], n_latents: int, num_steps: int) -> None:
-        """Raise ValueError unless made for these concepts (in this order) and SAE sizes."""
-        if list(concepts) != self.concepts:
-            raise ValueError(f"made for concepts {self.concepts}, the bundle has "
-                             f"{list(concepts)}: refit them with `steer bundle fit-detector`")
-        if (self.n_latents, self.num_steps) != (n_latents, num_steps):
-            raise ValueError(f"made for [n_latents, steps] = [{self.n_latents}, "
-                             f"{self.num_steps}], the bundle has [{n_latents}, {num_steps}]: "
-                             "refit them with `steer bundle fit-detector`")
 
     def to(self, device: str | torch.device) -> ConceptDetectors:
         """The same detectors with their tensors on ``device``."""

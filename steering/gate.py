@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from steering.detector import ConceptDetectors, DetectorReadout
-from steering.gate_probe import GateProbe, mean_codes
+from steering.gate_probe import GateProbe
 from steering.importance_tables import ImportanceTables
+from steering.readout import mean_codes
 
 
 class ConceptGate:

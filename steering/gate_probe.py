@@ -19,65 +19,32 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from steering.readout import LinearReadout, mean_codes
+
+__all__ = ["GATE_PROBE_FILE", "GateProbe", "mean_codes"]
+
 GATE_PROBE_FILE = "gate_probe.safetensors"
 
 
-def mean_codes(values: Tensor, indices: Tensor, num_latents: int) -> Tensor:
-    """Each image's mean SAE code over its tokens, [B, n], from top-k codes [B, tokens, k]:
-    the evidence the gate reads and the probe is fitted on (one function, so both agree)."""
-    b, tokens, _ = values.shape
-    out = torch.zeros(b, num_latents, device=values.device)
-    out.scatter_add_(1, indices.reshape(b, -1), values.float().reshape(b, -1))
-    return out / tokens
-
-
 @dataclass
-class GateProbe:
+class GateProbe(LinearReadout):
     """Per concept and table row, a linear score of an image's mean SAE code."""
 
-    concepts: list[str]
-    weight: Tensor  # [C, steps, n]
-    bias: Tensor  # [C, steps]
-
-    def __post_init__(self) -> None:
-        self.weight = self.weight.detach().to(torch.float16)
-        self.bias = self.bias.detach().to(torch.float32)
-        if not (self.weight.ndim == 3 and self.bias.shape == self.weight.shape[:2]
-                and len(self.concepts) == self.weight.shape[0]):
-            raise ValueError(f"gate probe: weight {list(self.weight.shape)}, bias "
-                             f"{list(self.bias.shape)} and {len(self.concepts)} concepts must "
-                             "be [C, steps, n], [C, steps] and C names")
-
-    @property
-    def num_steps(self) -> int:
-        """Table rows the probe was fitted for."""
-        return int(self.weight.shape[1])
-
-    @property
-    def n_latents(self) -> int:
-        """Width of the SAE code it reads."""
-        return int(self.weight.shape[2])
+    WHAT: ClassVar[str] = "gate probe"
+    REFIT: ClassVar[str] = "steer bundle fit-gate"
 
     def scores(self, mean_code: Tensor, members: Sequence[int], row: int) -> Tensor:
         """[B, len(members)] scores of concepts ``members`` (indices into ``concepts``) at
         table row ``row`` from mean codes [B, n]."""
         w = self.weight[list(members), row].to(mean_code.device, mean_code.dtype)
         return mean_code @ w.T + self.bias[list(members), row].to(mean_code)
-
-    def validate(self, concepts: Sequence[str], n_latents: int, num_steps: int) -> None:
-        """Raise ValueError unless made for these concepts (in this order) and SAE sizes."""
-        if list(concepts) != self.concepts:
-            raise ValueError(f"made for concepts {self.concepts}, the bundle has "
-                             f"{list(concepts)}: refit it with `steer bundle fit-gate`")
-        if (self.n_latents, self.num_steps) != (n_latents, num_steps):
-            raise ValueError(f"made for [n_latents, steps] = [{self.n_latents}, "
-                             f"{self.num_steps}], the bundle has [{n_latents}, {num_steps}]")
 
     def to(self, device: str | torch.device) -> GateProbe:
         """The same probe with its tensors on ``device``."""

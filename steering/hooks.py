@@ -22,9 +22,9 @@ from torch import Tensor
 
 from steering.detector import DetectorReadout
 from steering.gate import ConceptGate
-from steering.gate_probe import mean_codes
 from steering.importance_tables import ImportanceTables
 from steering.plan import DetectionPlan, RowPlan, SteeringPlan
+from steering.readout import mean_codes
 from steering.sae import TopKSAE
 
 HOOK_PREFIX = "sae_steering."

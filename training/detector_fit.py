@@ -47,9 +47,9 @@ from PIL import Image
 from torch import Tensor
 
 from steering.detector import LABEL_SOURCES, ConceptDetectors
-from steering.gate_probe import mean_codes
 from steering.hooks import cond_half, to_tokens
 from steering.pipeline import SteeredPipeline
+from steering.readout import mean_codes
 from steering.recording import generate_with
 from training.jsonl import is_seed, read_objects
 from training.run_store import RunStore
