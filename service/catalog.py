@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steering.anchors import TRANSLATION_FILE, read_anchors
 from steering.concepts import ConceptSpec
 from steering.manifest import MANIFEST_FILE, BundleError, BundleManifest
 
@@ -22,6 +23,8 @@ class Catalog:
     concepts: dict[str, ConceptSpec] = field(default_factory=dict)
     bundle_sha256: str | None = None
     manifest: BundleManifest | None = None  # closed kinds and the rest of the bundle's terms
+    # concept -> the anchor its learned swap turns it into (recipes that use the swaps)
+    anchors: dict[str, str] = field(default_factory=dict)
 
 
 def load_catalog(bundle_dir: Path | None) -> Catalog:
@@ -38,5 +41,11 @@ def load_catalog(bundle_dir: Path | None) -> Catalog:
         manifest = BundleManifest.from_json(raw.decode("utf-8"))
     except (BundleError, UnicodeDecodeError) as exc:
         raise RuntimeError(f"{path}: {exc}") from exc
+    anchors: dict[str, str] = {}
+    if manifest.recipe.name == "translate" and TRANSLATION_FILE in manifest.files:
+        try:
+            anchors = read_anchors(Path(bundle_dir) / TRANSLATION_FILE)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{Path(bundle_dir) / TRANSLATION_FILE}: {exc}") from exc
     return Catalog({c.name: c for c in manifest.concepts}, hashlib.sha256(raw).hexdigest(),
-                   manifest)
+                   manifest, anchors)

@@ -19,6 +19,7 @@ from steering.edits import (
     check_closed_kinds,
     resolve_edits,
 )
+from steering.swap_chains import check_swap_cycles
 
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
 
@@ -58,9 +59,10 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
             raise _invalid(field, str(exc)) from None
     if catalog.manifest is not None:
         try:
-            check_closed_kinds([e.spec.name for e in resolved
-                                if e.active and e.direction is Direction.SUPPRESS],
-                               catalog.manifest)
+            suppressed = [e.spec.name for e in resolved
+                          if e.active and e.direction is Direction.SUPPRESS]
+            check_closed_kinds(suppressed, catalog.manifest)
+            check_swap_cycles(suppressed, catalog.anchors)
         except EditError as exc:
             raise _invalid(at + "concepts", str(exc)) from None
     return resolved

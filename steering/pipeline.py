@@ -41,6 +41,7 @@ from steering.hooks import (
 )
 from steering.plan import DetectionPlan, RowCache, SteeringPlan
 from steering.recipe import SteeringRecipe
+from steering.swap_chains import edit_stages
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -180,6 +181,14 @@ class SteeredPipeline:
             self._rows_of[key] = self.bundle.tables.rows_for_timesteps(timesteps)
         return timesteps, self._rows_of[key]
 
+    def swap_anchors(self, recipe: SteeringRecipe) -> dict[str, str]:
+        """Concept -> the anchor its learned swap turns it into, under ``recipe`` (none unless
+        the recipe uses the bundle's swaps)."""
+        swaps = self.bundle.translations if self.bundle is not None else None
+        if recipe.name != "translate" or swaps is None:
+            return {}
+        return {c: t.anchor for c, t in swaps.concepts.items()}
+
     def _stage(self, edits: list[ResolvedEdit], recipe: SteeringRecipe, rows: Sequence[int]
                ) -> EditStage:
         """One stage of edits: its plan (rows built now, host work outside the hook) and, for
@@ -228,8 +237,8 @@ class SteeredPipeline:
         if self.bundle is not None:
             assert rows is not None  # a bundle's schedule has its table rows
             recipe = request.recipe or self.bundle.manifest.recipe
-            stages = [self._stage([e for e in edits if e.final is final], recipe, rows)
-                      for final in (False, True)]
+            stages = [self._stage(group, recipe, rows)
+                      for group in edit_stages(edits, self.swap_anchors(recipe))]
             detectors = self.bundle.detectors
             before = DetectorReadout(detectors) if detectors is not None else None
             after = (DetectorReadout(detectors)

@@ -28,7 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-TRANSLATION_FILE = "translation.safetensors"
+from steering.anchors import TRANSLATION_FILE
+
+__all__ = ["TRANSLATION_FILE", "ConceptTranslation", "TranslationTables"]
+
 
 
 def _index_dtype(largest: int) -> torch.dtype:

@@ -105,7 +105,8 @@ def test_unknown_concept_lists_the_known_ones_and_gamma_zero_is_off(client):
 
 
 def test_suppressing_every_concept_of_a_closed_kind_is_a_422_saying_why(client):
-    colours = [{"name": c} for c in ("red", "green", "blue", "yellow")]
+    # (blue last: blue and green swap into each other, a 422 of its own)
+    colours = [{"name": c} for c in ("red", "green", "yellow", "blue")]
     r = client.post("/v1/generations", json=body(concepts=colours))
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "concepts"
@@ -113,7 +114,7 @@ def test_suppressing_every_concept_of_a_closed_kind_is_a_422_saying_why(client):
     # three of the four, or all four with one turned off (γ 0), are fine
     ok = client.post("/v1/generations", json=body(concepts=colours[:3]))
     assert ok.status_code == 202, ok.text
-    off = client.post("/v1/generations", json=body(concepts=[*colours[:3], {"name": "yellow",
+    off = client.post("/v1/generations", json=body(concepts=[*colours[:3], {"name": "blue",
                                                                            "gamma": 0}]))
     assert off.status_code == 202, off.text
 
@@ -272,3 +273,14 @@ def test_batch_status_rules():
     assert batch_status(["succeeded", "queued"]) == "running"
     assert batch_status(["succeeded", "succeeded"]) == "succeeded"
     assert batch_status(["succeeded", "failed"]) == "partial"
+
+
+def test_suppressing_concepts_whose_swaps_lead_into_each_other_is_a_422_naming_them(client):
+    r = client.post("/v1/generations", json=body(concepts=[{"name": "blue"},
+                                                           {"name": "green"}]))
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "concepts"
+    assert "blue → green → blue" in r.json()["detail"] and "keep one" in r.json()["detail"]
+    chain = client.post("/v1/generations", json=body(concepts=[{"name": "red"},
+                                                               {"name": "green"}]))
+    assert chain.status_code == 202, chain.text  # red → green → blue: staged, served

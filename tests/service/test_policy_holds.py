@@ -3,11 +3,14 @@
 For every pair (P, E) of toy concepts: a policy always suppresses P, the request suppresses
 E at its default γ on prompts asking for E (and, for P's kind, another concept than P), so P
 can only come from E's edit — e.g. yellow's learned swap turns yellow into red. The
-suppression is applied last, on what E's edit made. 8 seeds per pair, 110 pairs.
+suppression is applied last, on what E's edit made. 8 seeds per pair, 110 pairs; the 6 pairs
+whose learned swaps lead into each other (blue ⇄ green, circle ⇄ triangle, plain ⇄ striped) are
+refused (steering/swap_chains.py), so 104 pairs generate.
 
 The target is that the judge (the attribute classifier) finds P in at most 1 % of the
 images. Measured on the format-5 toy bundle: 16 of 880 (1.8 %) with the first detectors and
-17 of 880 (1.9 %) with the refitted ones (4,096 runs, step-weight floor 0.3) — no colour
+17 of 880 (1.9 %) with the refitted ones (4,096 runs, step-weight floor 0.3), and 17 of 832
+(2.0 %) once the cycle pairs are refused — no colour
 comes back any more (yellow's swap to red under "red always removed" was the bypass); 16 of
 the 17 are shapes. Shape swaps sometimes draw an in-between blob (a triangle swapped towards
 a circle comes out as a rounded square the judge calls "square", or an outline it calls
@@ -24,7 +27,7 @@ from functools import cache
 from service import enforce, runner
 from service.policy import Policy, Suppression
 from service.settings import REPO_ASSETS
-from steering.edits import ConceptEdit, resolve_edits
+from steering.edits import ConceptEdit, EditError, resolve_edits
 from steering.pipeline import GenerationRequest, SteeredPipeline
 from training.toyworld.captions import compose
 from training.toyworld.classifier import AttributeClassifier
@@ -55,6 +58,7 @@ def test_an_always_suppressed_concept_stays_out_whatever_else_is_edited():
     judge = AttributeClassifier.from_pretrained(REPO_ASSETS / "toy-classifier")
     names = list(concepts)
     leaks: list[tuple[str, str, int]] = []
+    refused: list[tuple[str, str]] = []
     total = 0
     for p, (forced, edited) in enumerate(itertools.permutations(names, 2)):
         policy = Policy(name=f"no-{forced}", suppress=[Suppression(concept=forced)])
@@ -64,10 +68,18 @@ def test_an_always_suppressed_concept_stays_out_whatever_else_is_edited():
         request = GenerationRequest.batch(prompts_for(edited, forced),
                                           range(seed, seed + SEEDS_PER_PAIR), steps=STEPS,
                                           guidance=GUIDANCE)
-        out = enforce.generate(steered, request, plan, policy)
+        try:
+            out = enforce.generate(steered, request, plan, policy)
+        except EditError:  # the two swaps lead into each other: refused, nothing generated
+            refused.append((forced, edited))
+            continue
         found = [pred[kind_of(forced)] == forced for pred in judge.predict(out.images)]
         total += len(found)
         leaks += [(forced, edited, seed + i) for i, hit in enumerate(found) if hit]
-    print(f"\nforced concept found in {len(leaks)} of {total} images: {leaks}")
-    assert total == 110 * SEEDS_PER_PAIR
+    print(f"\nforced concept found in {len(leaks)} of {total} images: {leaks}; "
+          f"refused: {refused}")
+    anchors = steered.swap_anchors(steered.bundle.manifest.recipe)
+    assert refused == [(p, e) for p, e in itertools.permutations(names, 2)
+                       if anchors.get(p) == e and anchors.get(e) == p]
+    assert total == (110 - len(refused)) * SEEDS_PER_PAIR
     assert len(leaks) <= 0.025 * total, leaks  # target 1 %: not met yet (module docstring)
