@@ -66,18 +66,16 @@ def test_the_toy_bundles_anchors_are_read_from_the_file_header_alone():
 def test_red_and_green_suppressed_together_leave_neither():
     """Red's swap makes green; green's edit, staged after it, reads that and makes blue. On
     the same seeds both edits in one stage left red or green in 6 of 16 images."""
-    from service import runner
-    from service.settings import REPO_ASSETS
-    from steering.pipeline import GenerationRequest
+    from steering.pipeline import GenerationRequest, SteeredPipeline
     from training.toyworld.classifier import AttributeClassifier
 
-    steered = runner.load_pipeline(REPO_ASSETS / "toy-pipeline", REPO_ASSETS / "toy-bundle")
+    steered = SteeredPipeline.from_pretrained(ASSETS / "toy-pipeline", ASSETS / "toy-bundle")
     prompts = [f"a {c} {s} on a {b} background" for c in ("red", "green")
                for s in ("circle", "square", "triangle", "cross") for b in ("plain", "striped")]
     out = steered.generate(GenerationRequest.batch(
         prompts, range(5000, 5016), edits=[ConceptEdit("red"), ConceptEdit("green")],
         steps=20, guidance=4.0))
-    judge = AttributeClassifier.from_pretrained(REPO_ASSETS / "toy-classifier")
+    judge = AttributeClassifier.from_pretrained(ASSETS / "toy-classifier")
     colours = [p["colour"] for p in judge.predict(out.images)]
     assert sum(c in ("red", "green") for c in colours) <= 1, colours  # measured: 0 of 16
     with pytest.raises(EditError, match="blue → green → blue"):
