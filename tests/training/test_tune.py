@@ -94,6 +94,30 @@ def test_tune_command_writes_the_chosen_swap_and_gamma(toy_bundle_with_detectors
     assert bad.exit_code == 2 and "LABEL=PAIRS.jsonl" in bad.output
 
 
+def test_without_a_judge_the_bundles_detectors_label_the_images(tmp_path: Path) -> None:
+    """A user with no judge: the shipped detectors read each image's final activations."""
+    from training.bundle_cli import register
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ASSETS / "toy-bundle", bundle)
+    write_jsonl(tmp_path / "red-blue.jsonl", pair_rows("red", "blue", 4))
+    write_jsonl(tmp_path / "tune.jsonl", tune_rows("red", 9))
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, [
+        "bundle", "tune", str(bundle), "--pipeline", str(ASSETS / "toy-pipeline"),
+        "--concept", "red", "--candidate", f"blue={tmp_path / 'red-blue.jsonl'}",
+        "--prompts", str(tmp_path / "tune.jsonl"), "--gammas", "1.5", "--rounds", "0",
+        "--guidance", "4", "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((bundle / "TUNE.json").read_text())["red"]
+    assert report["labels"] == "detectors" and report["chosen"]["candidate"] == "blue"
+    # the detectors find red in the prompts naming it (a third of the 9), and the swap
+    # removes it there by their own reading
+    assert report["unedited_showing"] >= 3
+    assert report["points"][0]["removal"]["value"] >= 0.5
+
+
 def test_tuning_prompts_file_names_the_line_to_fix(tmp_path: Path) -> None:
     from training.tune import load_prompts
 
