@@ -158,14 +158,22 @@ def export(
     closed_kind: list[str] = typer.Option(
         [], "--closed-kind", help="A kind in which every image holds exactly one concept "
         "(e.g. colour); suppressing all of its concepts is then refused. Repeatable."),
+    storage_dtype: str = typer.Option("float16", help="float16 (half the size; loaded back "
+                                      "to float32) or float32: how the SAE and the tables "
+                                      "are stored."),
 ) -> None:
     """Write a steering bundle (manifest, SAE, importance tables) from an SAE and its tables."""
+    import torch
+
     from training.export import export_bundle
 
+    if storage_dtype not in ("float16", "float32"):
+        raise _fail(f"--storage-dtype {storage_dtype!r}: use float16 or float32")
     with _user_errors():
         bundle = export_bundle(sae, importance, store, out,
                                _spec(concepts, gamma, gamma_range, percentile),
-                               command=_command(), closed_kinds=closed_kind)
+                               command=_command(), closed_kinds=closed_kind,
+                               storage_dtype=getattr(torch, storage_dtype))
     typer.echo(f"wrote bundle {out}: {len(bundle.concept_names)} concepts, "
                f"{bundle.manifest.steps} steps, n={bundle.manifest.n_latents}")
 

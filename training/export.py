@@ -133,6 +133,7 @@ def export_bundle(
     sae_dir: str | Path, tables_path: str | Path, store_dir: str | Path, out: str | Path,
     spec: ConceptsSpec | None = None, command: str | None = None,
     recipe: SteeringRecipe = GATED_REPLACE, closed_kinds: Sequence[str] = (),
+    storage_dtype: torch.dtype | None = torch.float16,
 ) -> SteeringBundle:
     """Write a bundle from an SAE folder, importance tables and the store they came from.
 
@@ -140,7 +141,10 @@ def export_bundle(
     file gives each concept's kind. New bundles use this project's recipe (gated
     replacement, docs/steering-method.md); `steer eval --write-defaults` tunes its defaults.
     ``closed_kinds`` are kinds in which every image holds exactly one concept (the manifest's
-    ``closed_kinds``: suppressing all of such a kind is refused).
+    ``closed_kinds``: suppressing all of such a kind is refused). The SAE and the tables are
+    stored in ``storage_dtype`` (float16 by default: half the size, loaded back to float32;
+    on the toy bundle the features chosen at the 95th–99th percentile change by ≤ 0.06 % and
+    the means by 2e-4 relative; None keeps the SAE's dtype and float32 tables).
     """
     sae = TopKSAE.from_pretrained(sae_dir)
     tables = ImportanceTables.load(tables_path)
@@ -159,6 +163,9 @@ def export_bundle(
         raise ValueError(f"{tables_path} has concept(s) {missing} that no prompt of store "
                          f"{store_dir} is labelled with; pass the store the tables came from")
     specs = (spec or ConceptsSpec()).resolve(tables.concepts, kinds)
+    if storage_dtype is not None:
+        sae.storage_dtype = None if storage_dtype == sae.dtype else storage_dtype
+        tables.storage_dtype = None if storage_dtype == torch.float32 else storage_dtype
     bundle = SteeringBundle.create(sae, tables, specs, m.pipeline_fingerprint, m.scheduler,
                                    command or current_command(), hook_point=m.hook_point,
                                    recipe=recipe, closed_kinds=closed_kinds)

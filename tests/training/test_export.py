@@ -10,6 +10,7 @@ import pytest
 import torch
 import typer
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from steering.bundle import MANIFEST_FILE, BundleError, SteeringBundle
@@ -78,7 +79,13 @@ def test_export_bundle_loads_for_the_tiny_pipeline(chain: Chain, tmp_path: Path)
     assert (m.hook_point, m.steps, m.command) == (store.hook_point, STEPS, "steer export")
     assert m.scheduler == store.scheduler
     tables = ImportanceTables.load(chain.tables)
-    torch.testing.assert_close(bundle.tables.scores, tables.scores)
+    # stored in float16 by default (half the size), loaded back to float32
+    torch.testing.assert_close(bundle.tables.scores, tables.scores, rtol=1e-3, atol=1e-6)
+    assert bundle.tables.scores.dtype == torch.float32 and bundle.sae.dtype == torch.float32
+    for name in ("sae.safetensors", "importance.safetensors"):
+        with safe_open(str(tmp_path / "bundle" / name), "pt") as f:
+            stored = f.keys()  # a safe_open handle is not iterable
+            assert {f.get_slice(k).get_dtype() for k in stored if k != "timesteps"} == {"F16"}
 
 
 def test_export_refuses_a_bad_spec_or_store(chain: Chain, tmp_path: Path) -> None:
