@@ -318,11 +318,12 @@ def test_keyboard_only_submit(page: Page, stack: Stack) -> None:
     open_page(page, stack.base)
     tab_until(page, lambda f: f["id"] == "prompt")
     page.keyboard.type(PROMPT)
-    # Into the "blue" concept's radio group (focus lands on "Off"), → selects Suppress.
-    radio = tab_until(page, lambda f: f["concept"] == "blue" and f["type"] == "radio")
+    # Into the "red" concept's radio group (focus lands on "Off"), → selects Suppress. (Not
+    # blue: the page's policy removes green, and blue ⇄ green swap into each other: refused.)
+    radio = tab_until(page, lambda f: f["concept"] == "red" and f["type"] == "radio")
     assert radio["outline"] != "none"                                 # a visible focus ring
     page.keyboard.press("ArrowRight")
-    expect(group(page, "blue").get_by_label("Suppress")).to_be_checked()
+    expect(group(page, "red").get_by_label("Suppress")).to_be_checked()
     tab_until(page, lambda f: f["id"] == "steps")
     page.keyboard.press("Control+A")
     page.keyboard.type("12")
@@ -331,7 +332,7 @@ def test_keyboard_only_submit(page: Page, stack: Stack) -> None:
     page.keyboard.press("Enter")
     for role in ("unedited", "edited"):
         expect(finished(page, role).get_by_role("img")).to_be_visible()
-    expect(panel(page, "edited").locator(".panel-note")).to_contain_text("−blue")
+    expect(panel(page, "edited").locator(".panel-note")).to_contain_text("−red")
 
 
 @contextmanager
