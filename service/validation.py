@@ -21,6 +21,7 @@ from steering.edits import (
 )
 from steering.swap_chains import check_swap_cycles
 
+SEED_LIMIT = 2**63  # seeds are below this (torch generators take a signed 64-bit seed)
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
 
 
@@ -49,7 +50,18 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
                            f"{settings.max_size}]")
     if not 1 <= req.n_images <= settings.max_n_images:
         raise _invalid(at + "n_images", f"{req.n_images} is outside [1, {settings.max_n_images}]")
+    if req.seed is not None and req.seed + req.n_images > SEED_LIMIT:
+        raise _invalid(at + "seed", f"image i uses seed + i, and {req.seed} + "
+                       f"{req.n_images - 1} passes {SEED_LIMIT - 1}: use a seed ≤ "
+                       f"{SEED_LIMIT - req.n_images}")
     check_webhook(req.webhook, settings, at + "webhook")
+    first: dict[str, int] = {}
+    for i, edit in enumerate(req.concepts):
+        if edit.name in first:
+            raise _invalid(f"{at}concepts[{i}].name", f"{edit.name!r} is already edited by "
+                           f"concepts[{first[edit.name]}]; name each concept once (one "
+                           "direction, one γ)")
+        first[edit.name] = i
     resolved = []
     for i, edit in enumerate(req.concepts):
         try:

@@ -284,3 +284,22 @@ def test_suppressing_concepts_whose_swaps_lead_into_each_other_is_a_422_naming_t
     chain = client.post("/v1/generations", json=body(concepts=[{"name": "red"},
                                                                {"name": "green"}]))
     assert chain.status_code == 202, chain.text  # red → green → blue: staged, served
+
+
+def test_a_seed_whose_images_would_pass_the_seed_range_is_a_422(client):
+    """Image i uses seed + i: seed 2**63 - 1 with 8 images returned seeds that could not be
+    submitted again."""
+    r = client.post("/v1/generations", json=body(seed=2**63 - 1, n_images=2))
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "seed" and str(2**63 - 2) in r.json()["detail"]
+    ok = client.post("/v1/generations", json=body(seed=2**63 - 2, n_images=2))
+    assert ok.status_code == 202, ok.text
+
+
+def test_a_concept_named_twice_is_a_422(client):
+    """Suppressing and amplifying the same concept in one request was accepted."""
+    r = client.post("/v1/generations", json=body(concepts=[
+        {"name": "red"}, {"name": "red", "direction": "amplify"}]))
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "concepts[1].name"
+    assert "concepts[0]" in r.json()["detail"] and "once" in r.json()["detail"]
