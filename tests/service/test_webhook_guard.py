@@ -14,7 +14,16 @@ REFUSED = [
     "http://[::ffff:127.0.0.1]/", "http://[::ffff:a9fe:a9fe]/", "http://224.0.0.1/",
     "http://255.255.255.255/", "http://localhost:6379/", "http://api.localhost/",
     "http://LOCALHOST./",
+    # IPv6 literals that carry an IPv4 address: IPv4-compatible, NAT64, 6to4
+    "http://[::7f00:1]/", "http://[64:ff9b::7f00:1]/", "http://[2002:7f00:1::]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
 ]
+
+
+@pytest.mark.parametrize("address", ["::7f00:1", "64:ff9b::a00:5", "2002:a9fe:a9fe::1"])
+def test_a_name_resolving_to_an_embedded_private_ipv4_is_refused_at_delivery(address):
+    with pytest.raises(WebhookRefused):
+        check_delivery("https://hooks.example.com/", [], resolve=lambda host: [address])
 
 
 @pytest.mark.parametrize("url", REFUSED)
