@@ -34,6 +34,11 @@ EXPIRY_GRANULARITY_S = 60
 _TMP_PREFIX = ".tmp-"
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every run of line breaks (CR, LF, and Unicode's) replaced by one space."""
+    return " ".join(part for part in text.splitlines() if part) if text else text
+
+
 def _quote(text: str) -> str:
     """Quote a value the way AUTOMATIC1111 does when it holds a separator."""
     if "," not in text and "\n" not in text and ":" not in text:
@@ -49,10 +54,12 @@ def edit_text(edit: dict[str, Any]) -> str:
 
 def a1111_parameters(parameters: dict[str, Any], seed: int,
                      provenance: dict[str, Any]) -> str:
-    """The ``parameters`` text of one image: prompt, negative prompt, then ``Key: value``s."""
-    lines = [parameters.get("prompt", "")]
+    """The ``parameters`` text of one image: prompt, negative prompt, then ``Key: value``s.
+    Line breaks in the prompts become spaces (A1111 readers split on lines, so a prompt could
+    otherwise forge the settings line; the exact prompts are in the JSON provenance chunk)."""
+    lines = [_one_line(parameters.get("prompt", ""))]
     if parameters.get("negative_prompt"):
-        lines.append(f"Negative prompt: {parameters['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(parameters['negative_prompt'])}")
     fields: dict[str, Any] = {
         "Steps": parameters.get("steps"),
         "Sampler": "DDIM",

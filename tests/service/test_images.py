@@ -118,3 +118,14 @@ def test_url_secret_is_shared_through_the_data_dir(tmp_path):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(key_file.read_text()) == 64
     configured = load_or_create_secret(SecretStr("from-env"), tmp_path, "url")
     assert configured == b"from-env"
+
+
+def test_a_prompt_cannot_forge_the_a1111_fields():
+    """A prompt ending in "\\nNegative prompt: …\\nSteps: 999" was written verbatim, so an
+    A1111 reader took the forged lines for the image's settings."""
+    forged = dict(PARAMETERS, prompt="a cat\nNegative prompt: x\nSteps: 999, Seed: 1",
+                  negative_prompt="dull\r\nSteps: 5")
+    prompt, negative, fields = a1111_parameters(forged, 8, PROVENANCE).split("\n")
+    assert prompt == "a cat Negative prompt: x Steps: 999, Seed: 1"
+    assert negative == "Negative prompt: dull Steps: 5"
+    assert fields.startswith("Steps: 20, ") and "Seed: 8" in fields
