@@ -151,7 +151,9 @@ def test_tracker_schedule_is_what_the_unet_receives(toy):
         handle.remove()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.set_sync_debug_mode only exists there "
+                    "(the CPU dispatch-mode sync test covers the rest)")
 def test_hooked_calls_pass_cuda_sync_debug_mode(monkeypatch):
     """On the device: any synchronising call inside a hook raises."""
     steered = SteeredPipeline.from_pretrained(ASSETS / "toy-pipeline", ASSETS / "toy-bundle",

@@ -159,7 +159,9 @@ def test_half_precision_source_and_output_dtype() -> None:
     assert batch.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: compares the loader's device batches with its CPU "
+                    "batches (the CPU path is tested above)")
 def test_cuda_batches_equal_cpu_batches() -> None:
     source = TensorSource(indexed_rows().half(), block_rows=37)
     cpu = take(ActivationLoader(source, 64, seed=1, buffer_blocks=3), 40)
