@@ -43,9 +43,10 @@ def load_catalog(bundle_dir: Path | None) -> Catalog:
         raise RuntimeError(f"{path}: {exc}") from exc
     anchors: dict[str, str] = {}
     if manifest.recipe.name == "translate" and TRANSLATION_FILE in manifest.files:
+        swaps = Path(bundle_dir) / TRANSLATION_FILE
         try:
-            anchors = read_anchors(Path(bundle_dir) / TRANSLATION_FILE)
+            anchors = read_anchors(swaps)
         except (OSError, ValueError) as exc:
-            raise RuntimeError(f"{Path(bundle_dir) / TRANSLATION_FILE}: {exc}") from exc
+            raise RuntimeError(f"{swaps}: {exc}") from exc
     return Catalog({c.name: c for c in manifest.concepts}, hashlib.sha256(raw).hexdigest(),
                    manifest, anchors)

@@ -36,7 +36,7 @@ _TMP_PREFIX = ".tmp-"
 
 def _one_line(text: str) -> str:
     """``text`` with every run of line breaks (CR, LF, and Unicode's) replaced by one space."""
-    return " ".join(part for part in text.splitlines() if part) if text else text
+    return " ".join(part for part in text.splitlines() if part)
 
 
 def _quote(text: str) -> str:

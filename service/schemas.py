@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from service.policy import DetectRule
 from steering.edits import ConceptEdit, Direction
 
+SEED_LIMIT = 2**63  # seeds are below this (torch generators take a signed 64-bit seed)
+
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 
@@ -45,7 +47,7 @@ class GenerationCreate(BaseModel):
     negative_prompt: str | None = None
     concepts: list[ConceptEditIn] = Field(default_factory=list, max_length=32)
     # strict: true, 2.5 or "2" are not a step count (lax pydantic would take true as 1)
-    seed: int | None = Field(None, ge=0, lt=2**63, strict=True,
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, strict=True,
                              description="Default: random (returned)")
     steps: int = Field(50, ge=1, strict=True)
     guidance: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False)

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from service.catalog import Catalog
 from service.errors import ApiError
-from service.schemas import BatchCreate, GenerationCreate
+from service.schemas import SEED_LIMIT, BatchCreate, GenerationCreate
 from service.settings import Settings
 from service.webhook_guard import WebhookRefused, check_url
 from steering.edits import (
-    Direction,
     EditError,
     ResolvedEdit,
     check_closed_kinds,
     resolve_edits,
+    suppressed_names,
 )
 from steering.swap_chains import check_swap_cycles
 
-SEED_LIMIT = 2**63  # seeds are below this (torch generators take a signed 64-bit seed)
 _EDIT_FIELDS = {"concept": "name", "gamma": "gamma", "percentile": "percentile"}
 
 
@@ -71,8 +70,7 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
             raise _invalid(field, str(exc)) from None
     if catalog.manifest is not None:
         try:
-            suppressed = [e.spec.name for e in resolved
-                          if e.active and e.direction is Direction.SUPPRESS]
+            suppressed = suppressed_names(resolved)
             check_closed_kinds(suppressed, catalog.manifest)
             check_swap_cycles(suppressed, catalog.anchors)
         except EditError as exc:

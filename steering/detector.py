@@ -64,10 +64,9 @@ def step_weight(step: int, alpha: float) -> float:
 def running_means(scores: Tensor, alpha: float = 0.0) -> Tensor:
     """The gate's evidence m_t over steps (dim 0) of per-step scores [steps, ...]: a running
     mean whose step weight never falls below ``alpha`` (0: the plain running mean)."""
-    out, m = [], scores[0]
-    for t in range(scores.shape[0]):
-        m = scores[0] if t == 0 else m + step_weight(t + 1, alpha) * (scores[t] - m)
-        out.append(m)
+    out = [scores[0]]
+    for t in range(1, scores.shape[0]):
+        out.append(out[-1] + step_weight(t + 1, alpha) * (scores[t] - out[-1]))
     return torch.stack(out)
 
 

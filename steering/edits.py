@@ -106,6 +106,11 @@ def resolve_edits(edits: list[ConceptEdit], concepts: dict[str, ConceptSpec]) ->
     return resolved
 
 
+def suppressed_names(edits: Iterable[ResolvedEdit]) -> list[str]:
+    """The concepts the active suppressions of ``edits`` remove, in order."""
+    return [e.spec.name for e in edits if e.active and e.direction is Direction.SUPPRESS]
+
+
 def check_closed_kinds(suppressed: Iterable[str], manifest: BundleManifest) -> None:
     """Refuse suppressing every concept of a closed kind: nothing would be left to swap to."""
     gone = set(suppressed)

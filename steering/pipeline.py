@@ -24,10 +24,10 @@ from steering.concepts import ConceptSpec
 from steering.detector import DetectorReadout
 from steering.edits import (
     ConceptEdit,
-    Direction,
     ResolvedEdit,
     check_closed_kinds,
     resolve_edits,
+    suppressed_names,
 )
 from steering.fingerprint import HOOK_POINT, pipeline_fingerprint
 from steering.gate import ConceptGate
@@ -212,9 +212,7 @@ class SteeredPipeline:
         started = time.perf_counter()
         edits = resolve_edits(list(request.edits), self.concepts)
         if self.bundle is not None:
-            check_closed_kinds([e.spec.name for e in edits
-                                if e.active and e.direction is Direction.SUPPRESS],
-                               self.bundle.manifest)
+            check_closed_kinds(suppressed_names(edits), self.bundle.manifest)
         total = request.steps
         flag = request.cancel
 

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from steering.edits import Direction, EditError, ResolvedEdit
-
-
-def _suppressed(edits: Sequence[ResolvedEdit]) -> list[str]:
-    return [e.spec.name for e in edits if e.active and e.direction is Direction.SUPPRESS]
+from steering.edits import Direction, EditError, ResolvedEdit, suppressed_names
 
 
 def check_swap_cycles(suppressed: Sequence[str], anchors: Mapping[str, str]) -> None:
@@ -45,7 +41,7 @@ def check_swap_cycles(suppressed: Sequence[str], anchors: Mapping[str, str]) -> 
 def _levels(edits: Sequence[ResolvedEdit], anchors: Mapping[str, str]) -> list[list[ResolvedEdit]]:
     """Split one group of edits (acyclic) into stages: a suppression whose concept is the
     anchor of another suppression of the group comes after it."""
-    names = set(_suppressed(edits))
+    names = set(suppressed_names(edits))
     feeds: dict[str, list[str]] = {}
     for c in names:
         a = anchors.get(c)
@@ -72,11 +68,11 @@ def edit_stages(edits: Sequence[ResolvedEdit], anchors: Mapping[str, str]
     """The request's edits in the order their stages run: the request's own edits (by swap
     chain), the final ones (by swap chain), then request suppressions that a final swap leads
     to, once more. Raises EditError for a cycle of swaps among the suppressed concepts."""
-    check_swap_cycles(_suppressed(edits), anchors)
+    check_swap_cycles(suppressed_names(edits), anchors)
     request = [e for e in edits if not e.final]
     final = [e for e in edits if e.final]
     stages = _levels(request, anchors) + _levels(final, anchors)
-    made_by_final = {anchors.get(c) for c in _suppressed(final)}
+    made_by_final = {anchors.get(c) for c in suppressed_names(final)}
     again = [e for e in request if e.active and e.direction is Direction.SUPPRESS
              and e.spec.name in made_by_final]
     if again:

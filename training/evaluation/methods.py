@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from steering.detector import DETECTORS_FILE
 from steering.edits import ConceptEdit
 from steering.pipeline import GenerationRequest, SteeredPipeline
 from steering.recipe import PLAIN
@@ -82,7 +83,7 @@ class PipelineMethod:
         bundle = self.steered.bundle
         if bundle is not None and bundle.detectors is not None:
             # the detections recorded with each image come from these detectors
-            self.settings["detectors"] = bundle.manifest.files.get("detectors.safetensors")
+            self.settings["detectors"] = bundle.manifest.files.get(DETECTORS_FILE)
         if self.name == "negative_prompt":
             self.settings["negative_prompt"] = "the suppressed words joined with ', '"
 

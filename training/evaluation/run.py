@@ -520,9 +520,8 @@ class Evaluation:
         for name, per_concept in per_method.items():
             out["implicit"][name] = implicit_figures(per_concept)
         # the detectors against the judge, on the unedited runs of the direct and implicit sets
-        direct = [j for job, js in zip((p[-1] for p in plan), judged, strict=True)
-                  if job.method.name == "none" and job.prompts.name.split("/")[1] in ("ua", "ira")
-                  for j in js]
+        direct = [j for (method, kind, _, _), js in zip(plan, judged, strict=True)
+                  if method.name == "none" and kind in ("ua", "ira") for j in js]
         # every steered method shares the one unedited cell per concept: count it once
         reference_cells = {c: js for (_, c, _, _), js in zip(implicit, paired[1::2],
                                                               strict=True)}
