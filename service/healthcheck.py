@@ -26,7 +26,7 @@ def worker_healthy() -> bool:
     import redis
 
     from service.settings import Settings
-    from service.worker_registry import live_workers
+    from service.worker_registry import fresh_within, live_workers
 
     settings = Settings()
     if not settings.redis_url:
@@ -34,7 +34,8 @@ def worker_healthy() -> bool:
     try:
         conn = redis.Redis.from_url(settings.redis_url, socket_timeout=4)
         host = socket.gethostname()
-        return any(w.get("host") == host for w in live_workers(conn))
+        return any(w.get("host") == host
+                   for w in live_workers(conn, fresh_within(settings.worker_heartbeat_s)))
     except redis.RedisError:
         return False
 

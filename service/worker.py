@@ -109,6 +109,7 @@ class SteerWorker(SimpleWorker):
         self.device, self.dtype = device, dtype
         self.runtime: WorkerRuntime | None = None
         self._burst = False
+        self._quit = False  # a stop was asked for (signal or RQ's shutdown command)
         self._running: tuple[Job, Execution] | None = None
         self._beat_lock = threading.Lock()
         self._beat_stop = threading.Event()
@@ -150,25 +151,58 @@ class SteerWorker(SimpleWorker):
     def work(self, burst: bool = False, **kwargs: Any) -> bool:
         """RQ's work loop; the scheduler runs in a thread started by :meth:`bootstrap`.
 
-        RQ quits on a Redis error outside its idle wait (e.g. writing a result while Redis
-        restarts); the worker then waits for Redis and starts the loop again with the model
-        still loaded. A job caught in the gap is requeued by the registry cleanup."""
+        RQ's loop quits on a Redis error outside its idle wait (e.g. writing a result while
+        Redis restarts): either the error escapes (when RQ cannot record the worker's death
+        either) or the loop returns. Unless a stop was asked for, the worker then waits for
+        Redis and starts the loop again with the model still loaded; a job caught in the gap
+        is requeued by the registry cleanup."""
         self._burst = burst
         kwargs["with_scheduler"] = False
+        pause = 0.5
         while True:
             try:
-                return super().work(burst=burst, **kwargs)
+                worked = super().work(burst=burst, **kwargs)
             except redis.ConnectionError:
-                if burst or self._stop_requested:
+                if burst or self._stopping():
                     raise
                 log.warning("Redis unreachable: waiting for it, then taking jobs again",
                             exc_info=True)
-                self._wait_for_redis()
+            else:
+                if (burst or self._stopping() or kwargs.get("max_jobs") is not None
+                        or kwargs.get("max_idle_time") is not None):
+                    return worked
+                log.warning("RQ's work loop quit on an error (logged above): waiting for "
+                            "Redis, then taking jobs again")
+                time.sleep(pause)  # a loop that keeps failing does not spin
+                pause = min(2 * pause, 30.0)
+            self._wait_for_redis()
+
+    def _stopping(self) -> bool:
+        return self._quit or self._stop_requested
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """RQ's warm shutdown, remembered so that :meth:`work` does not start RQ's loop
+        again (RQ's own flag is set only when a job is running)."""
+        self._quit = True
+        super().request_stop(signum, frame)
+
+    def register_birth(self) -> None:
+        """RQ's, taking over this process's own RQ record when a Redis restarted from its
+        append-only file brought it back alive (RQ could not record the death while Redis
+        was down, and would refuse the name as taken). Another live process under the
+        same name is still refused."""
+        death, pid, host = (v.decode() if isinstance(v, bytes) else v for v in
+                            self.connection.hmget(self.key, ["death", "pid", "hostname"]))
+        if death is None and pid == str(os.getpid()) and host == self.hostname:
+            log.warning("taking over this worker's own record, restored by a Redis restart",
+                        extra={"worker": self.name})
+            self.connection.hset(self.key, "death", utcnow().isoformat())
+        super().register_birth()
 
     def _wait_for_redis(self, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
         """Block until Redis answers PING, backing off; a signal still stops the worker."""
         wait = first_wait_s
-        while not self._stop_requested:
+        while not self._stopping():
             try:
                 self.connection.ping()
                 return

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import Runtime, RuntimeDep
 from service.errors import documented, retry_after
-from service.worker_registry import live_workers
+from service.worker_registry import fresh_within, live_workers
 
 router = APIRouter(tags=["operations"])
 
@@ -34,11 +34,11 @@ async def healthz() -> Health:
 
 
 def readiness(rt: Runtime) -> Readiness:
-    """Redis answers and ≥ 1 registered worker runs this gateway's bundle and policy file,
-    else a 503 (a worker with another policy file would enforce another policy)."""
+    """Redis answers and ≥ 1 worker that beat recently runs this gateway's bundle and policy
+    file, else a 503 (a worker with another policy file would enforce another policy)."""
     conn = rt.conn
     conn.ping()
-    workers = live_workers(conn)
+    workers = live_workers(conn, fresh_within(rt.settings.worker_heartbeat_s))
     policy = rt.policies.sha256 if rt.policies is not None else None
     ours = sum(1 for w in workers if w.get("bundle_sha256") == rt.catalog.bundle_sha256
                and w.get("policy_sha256") == policy)

@@ -4,6 +4,7 @@ with ``Prefer: wait``, deletes job and images, and /metrics and /readyz see the 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from rq import Queue
 
 from service.images import PARAMETERS_CHUNK, PROVENANCE_CHUNK, read_png_text
 from service.worker import SteerWorker
-from service.worker_registry import register_worker
+from service.worker_registry import register_worker, server_time, worker_key
 from tests.service.api_support import api_client, body
 
 
@@ -143,6 +144,20 @@ def test_metrics_and_readiness_see_jobs_and_workers(client, settings, conn):
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "bundle_sha256": sha, "policy_sha256": None,
                         "workers": 1, "workers_other_bundle": 2}
+
+
+def test_readiness_ignores_a_worker_record_that_stopped_beating(client, conn):
+    """A Redis restarted from its AOF restores a dead worker's record with its old TTL:
+    /readyz and /metrics count only records whose last beat (Redis's clock) is recent."""
+    sha = client.get("/v1/concepts").json()["bundle_sha256"]
+    stale = {"bundle_sha256": sha, "policy_sha256": None,
+             "beat_at": server_time(conn) - 600}
+    conn.set(worker_key("restored"), json.dumps(stale), ex=60)
+    assert client.get("/readyz").status_code == 503
+    assert "steer_workers 0.0" in client.get("/metrics").text
+    register_worker(conn, "beating", {"bundle_sha256": sha, "policy_sha256": None}, 30)
+    assert client.get("/readyz").json()["workers"] == 1
+    assert "steer_workers 1.0" in client.get("/metrics").text
 
 
 def test_delete_while_running_cancels_then_removes(client, settings, conn):

@@ -114,6 +114,39 @@ def test_a_worker_rides_out_a_redis_restart_mid_job(tmp_path, wait_for):
         server.stop()
 
 
+def test_a_worker_survives_a_redis_outage_that_outlasts_its_job(tmp_path, wait_for):
+    """Redis stays down until RQ's loop gives up (the job cannot report) and cannot record
+    the worker's death, so the AOF brings back the worker's RQ record as alive. The worker
+    must take over its own record (RQ refuses a second birth under the same name) and run
+    the job again."""
+    server = PrivateRedis(free_port(), aof_dir=tmp_path / "redis")
+    server.aof_dir.mkdir()
+    server.start()
+    settings = fast_settings(tmp_path / "data", server.url)
+    conn = redis.Redis.from_url(server.url)
+    worker = start_worker(settings, "outage", tmp_path)
+    try:
+        wait_ready(conn, worker, wait_for)
+        job_id = submit(conn, settings, steps=LONG // 10)
+        wait_status(conn, settings, job_id, wait_for, {"running"})
+        server.stop()
+        wait_for(lambda: "quitting" in worker.log(), timeout=60,
+                 what="RQ's loop to quit while Redis is down")
+        server.start()
+        done = wait_status(conn, settings, job_id, wait_for,
+                           {"succeeded", "failed", "canceled"}, timeout=120, worker=worker)
+        assert done.status == "succeeded", (done.error, worker.log()[-3000:])
+        follow_up = submit(conn, settings, steps=2)
+        assert wait_status(conn, settings, follow_up, wait_for,
+                           {"succeeded", "failed"}).status == "succeeded"
+        assert worker.alive()
+    finally:
+        if worker.alive():
+            worker.proc.kill()
+            worker.proc.wait(10)
+        server.stop()
+
+
 def test_a_full_disk_fails_the_job_with_the_reason_and_the_worker_keeps_serving(
         conn, settings, monkeypatch):
     runner.configure(settings)

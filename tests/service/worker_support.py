@@ -113,8 +113,13 @@ def wait_ready(conn: redis.Redis, worker: WorkerProcess, wait_for: Callable[...,
 
 def wait_status(conn: redis.Redis, settings: Settings, job_id: str,
                 wait_for: Callable[..., object], statuses: set[str],
-                timeout: float = 90) -> GenerationRecord:
+                timeout: float = 90, worker: WorkerProcess | None = None) -> GenerationRecord:
+    """The job's record once its status is one of ``statuses`` (fails at once if
+    ``worker`` exits meanwhile)."""
+
     def reached() -> GenerationRecord | None:
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
         rec = record(conn, settings, job_id)
         return rec if rec.status in statuses else None
 
