@@ -27,7 +27,7 @@ from rq.registry import (
 
 from service import metrics_store
 from service.errors import REDIS_ERRORS
-from service.worker_registry import live_workers
+from service.worker_registry import fresh_within, live_workers
 
 log = logging.getLogger("service.metrics")
 
@@ -38,13 +38,15 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    10.0, 30.0, 60.0)
 
 QueueSource = Callable[[], Queue | None]
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RedisCollector:
     """Families read from Redis when /metrics is scraped (the queue comes from the app)."""
 
-    def __init__(self, queue_source: QueueSource) -> None:
+    def __init__(self, queue_source: QueueSource, worker_fresh_s: float | None = None) -> None:
         self.queue_source = queue_source
+        self.worker_fresh_s = worker_fresh_s
 
     def describe(self) -> list[Metric]:
         """Nothing to pre-declare (keeps registration from touching Redis)."""
@@ -59,7 +61,7 @@ class RedisCollector:
             yield up
             return
         try:
-            families = list(self._families(queue))
+            families = list(self._families(queue, self.worker_fresh_s))
         except REDIS_ERRORS as exc:
             log.warning("metrics: redis unreachable: %s", exc)
             up.add_metric([], 0)
@@ -70,7 +72,7 @@ class RedisCollector:
         yield from families
 
     @staticmethod
-    def _families(queue: Queue) -> Iterator[Metric]:
+    def _families(queue: Queue, worker_fresh_s: float | None) -> Iterator[Metric]:
         conn = queue.connection
         with conn.pipeline(transaction=False) as pipe:
             pipe.llen(queue.key)
@@ -86,7 +88,7 @@ class RedisCollector:
             jobs.add_metric([name], count)
         yield jobs
         workers = GaugeMetricFamily("steer_workers", "Workers alive (registered, heartbeat fresh)")
-        workers.add_metric([], len(live_workers(conn)))
+        workers.add_metric([], len(live_workers(conn, worker_fresh_s)))
         yield workers
         for name, text in (("step_latency_seconds", "One denoising step (worker side)"),
                            ("generation_latency_seconds", "One job's generation (worker side)")):
@@ -99,17 +101,21 @@ class RedisCollector:
 class GatewayMetrics:
     """The app's registry: request metrics plus the Redis collector."""
 
-    def __init__(self, queue_source: QueueSource) -> None:
+    def __init__(self, queue_source: QueueSource, heartbeat_s: float | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("steer_http_requests", "HTTP requests answered",
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("steer_http_request_duration_seconds",
                                  "Time to answer an HTTP request", ["method", "route"],
                                  buckets=REQUEST_BUCKETS, registry=self.registry)
-        self.registry.register(RedisCollector(queue_source))
+        fresh = None if heartbeat_s is None else fresh_within(heartbeat_s)
+        self.registry.register(RedisCollector(queue_source, fresh))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one answered request and its latency."""
+        """Count one answered request and its latency. Label values are bounded: a method
+        outside HTTP's usual ones counts as "other" (clients choose the method, and every new
+        label value would be a new series kept for the life of the process)."""
+        method = method if method in METHODS else "other"
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 

@@ -112,3 +112,16 @@ def test_two_apps_in_one_process_keep_separate_metrics(settings):
         a.get("/healthz")
         assert 'route="/healthz"' in a.get("/metrics").text
         assert 'route="/healthz"' not in b.get("/metrics").text
+
+
+def test_metrics_labels_stay_bounded_whatever_the_methods(settings):
+    """Clients choose the HTTP method: 200 made-up ones must not become 200 label values
+    (each a series kept for the life of the process)."""
+    with api_client(settings) as c:
+        for i in range(200):
+            c.request(f"X{i:03d}", "/v1/concepts")
+        text = c.get("/metrics").text
+    series = [line for line in text.splitlines()
+              if line.startswith("steer_http_requests_total{")]
+    assert 'method="other"' in text and "X007" not in text
+    assert len(series) < 10, series
