@@ -33,6 +33,7 @@ from service.middleware import (
     RequestContextMiddleware,
 )
 from service.policy import load_checked
+from service.result_waiter import ResultWaiter
 from service.routes import batches, concepts, generations, health, images, policy, web
 from service.settings import Settings
 
@@ -48,6 +49,7 @@ is an `ErrorDetail` with the `field` at fault. With STEER_AUTH_ENABLED, send
 # Fail fast while Redis is down (a 503 in well under a second), recover on the next request.
 REDIS_OPTIONS = dict(socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=30)
 RETRIES, BACKOFF = 2, dict(base=0.01, cap=0.1)
+POOL_WAIT_S = 5.0
 
 
 def _version() -> str:
@@ -62,16 +64,22 @@ def open_runtime(settings: Settings) -> Runtime:
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set: `steer serve` starts an embedded server "
                            "for you; to run the API alone, point REDIS_URL at Redis")
-    conn = redis.Redis.from_url(
-        settings.redis_url, retry=Retry(ExponentialWithJitterBackoff(**BACKOFF), RETRIES),
-        **REDIS_OPTIONS)
-    aconn = redis.asyncio.Redis.from_url(
-        settings.redis_url, retry=AsyncRetry(ExponentialWithJitterBackoff(**BACKOFF), RETRIES),
-        **REDIS_OPTIONS)
+    # blocking pools: a request waits for a free connection (up to POOL_WAIT_S) rather than
+    # failing at once when the pool is busy
+    pool = dict(max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S)
+    conn = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+        settings.redis_url, **pool, **REDIS_OPTIONS),
+        retry=Retry(ExponentialWithJitterBackoff(**BACKOFF), RETRIES))
+    aconn = redis.asyncio.Redis(connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, **pool, **REDIS_OPTIONS),
+        retry=AsyncRetry(ExponentialWithJitterBackoff(**BACKOFF), RETRIES))
+    listener = redis.asyncio.Redis.from_url(settings.redis_url, max_connections=1,
+                                            **REDIS_OPTIONS)
     catalog = load_catalog(settings.bundle_dir)
     return Runtime(settings=settings, conn=conn, aconn=aconn,
                    queue=Queue(settings.queue_name, connection=conn), catalog=catalog,
                    images=ImageStore.from_settings(settings),
+                   waiter=ResultWaiter(listener, settings.wait_max_per_key),
                    policies=load_checked(settings.policy_file, catalog.concepts))
 
 
@@ -87,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.runtime = None
+            await runtime.waiter.close()
             await runtime.aconn.aclose()
             runtime.conn.close()
 
@@ -95,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.runtime = None
     app.state.metrics = GatewayMetrics(
-        lambda: app.state.runtime.queue if app.state.runtime is not None else None)
+        lambda: app.state.runtime.queue if app.state.runtime is not None else None,
+        settings.worker_heartbeat_s)
     install_error_handlers(app)
     for module in (generations, batches, images, concepts, policy, health, web):
         app.include_router(module.router)

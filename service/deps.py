@@ -21,6 +21,7 @@ from service.catalog import Catalog
 from service.errors import ApiError
 from service.images import ImageStore
 from service.policy import PolicyFile
+from service.result_waiter import ResultWaiter
 from service.settings import Settings
 
 
@@ -34,6 +35,7 @@ class Runtime:
     queue: Queue
     catalog: Catalog
     images: ImageStore
+    waiter: ResultWaiter              # wakes `Prefer: wait` requests (its own connection)
     policies: PolicyFile | None = None  # the content-safety policy file (None: no policy)
 
     def base_url(self, request: Request) -> str:

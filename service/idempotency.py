@@ -25,6 +25,17 @@ from service.errors import ApiError
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
 CLAIM_GRACE_S = 2.0  # how long a repeat waits for the first request's job to appear
+TAKE_OVER_TRIES = 3
+# KEYS[1] the claim, ARGV[1] the value pointing at the gone job, ARGV[2] the new value,
+# ARGV[3] the TTL: replace only an unchanged (or vanished) claim; else return the current one
+_TAKE_OVER = """
+local raw = redis.call('GET', KEYS[1])
+if raw == false or raw == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  return false
+end
+return raw
+"""
 
 T = TypeVar("T")
 
@@ -73,11 +84,21 @@ def claim(conn: redis.Redis, owner: str | None, key: str, fp: str, new_id: str,
                    headers={"Retry-After": "1"})
 
 
-def take_over(conn: redis.Redis, owner: str | None, key: str, fp: str, new_id: str,
-              ttl_s: int) -> None:
-    """Point a claim whose job is gone (deleted, expired) at a new job."""
+def take_over(conn: redis.Redis, owner: str | None, key: str, fp: str, gone_id: str,
+              new_id: str, ttl_s: int) -> str | None:
+    """Point a claim whose job ``gone_id`` is gone (deleted, expired) at ``new_id``, only if
+    it still points at ``gone_id`` (compare-and-set: of concurrent retries, one takes it
+    over). None when this request now owns it, else the id another retry put there."""
+    expected = json.dumps({"fingerprint": fp, "id": gone_id})
     value = json.dumps({"fingerprint": fp, "id": new_id})
-    conn.set(claim_key(owner, key), value, ex=max(1, ttl_s))
+    raw = conn.eval(_TAKE_OVER, 1, claim_key(owner, key), expected, value, max(1, ttl_s))
+    if raw is None:
+        return None
+    current: dict[str, Any] = json.loads(raw)
+    if current.get("fingerprint") != fp:
+        raise ApiError(409, f"this {HEADER} was already used with a different request; "
+                       "send a new key for a new request", field=HEADER)
+    return str(current["id"])
 
 
 def release(conn: redis.Redis, owner: str | None, key: str, new_id: str) -> None:
@@ -91,18 +112,22 @@ def release(conn: redis.Redis, owner: str | None, key: str, new_id: str) -> None
 def earlier_result(conn: redis.Redis, owner: str | None, key: str | None, fp: str, new_id: str,
                    ttl_s: int, find: Callable[[str], T | None]) -> T | None:
     """What an earlier request with this key made (``find(id)``), else None after claiming
-    the key for ``new_id``. A claim whose job is gone (deleted, expired) starts a new one."""
+    the key for ``new_id``. A claim whose job is gone (deleted, expired) starts a new one, made
+    by exactly one of the retries that find it gone (the others get that one's job)."""
     if key is None:
         return None
     earlier = claim(conn, owner, key, fp, new_id, ttl_s)
-    if earlier is None:
-        return None
-    deadline = time.monotonic() + CLAIM_GRACE_S
-    while (found := find(earlier)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # the first request may still be enqueueing
-    if found is None:
-        take_over(conn, owner, key, fp, new_id, ttl_s)
-    return found
+    for _ in range(TAKE_OVER_TRIES):
+        if earlier is None:
+            return None
+        deadline = time.monotonic() + CLAIM_GRACE_S
+        while (found := find(earlier)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first request may still be enqueueing
+        if found is not None:
+            return found
+        earlier = take_over(conn, owner, key, fp, earlier, new_id, ttl_s)
+    raise ApiError(409, f"this {HEADER} is changing hands; retry", field=HEADER,
+                   headers={"Retry-After": "1"})
 
 
 @contextlib.contextmanager

@@ -41,6 +41,9 @@ def cancel_channel(job_id: str) -> str:
     return f"{PREFIX}cancel-events:{job_id}"
 
 
+RESERVED_PREFIX = f"{PREFIX}reserved:"  # + job id: a per-key slot taken by admission
+
+
 def active_key(owner: str) -> str:
     """SET of an API key's queued + running job ids (the per-key cap)."""
     return f"{PREFIX}active:{owner}"
@@ -183,12 +186,13 @@ def active_count(conn: redis.Redis, queue: Queue, owner: str) -> int:
     if not ids:
         return 0
     jobs = Job.fetch_many(ids, connection=conn)
+    reserved = conn.mget([f"{RESERVED_PREFIX}{i}" for i in ids])
     live, stale = 0, []
-    for job_id, job in zip(ids, jobs, strict=True):
+    for job_id, job, held in zip(ids, jobs, reserved, strict=True):
         status = job.get_status(refresh=False) if job is not None else None
         if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED,
-                      JobStatus.DEFERRED):
-            live += 1
+                      JobStatus.DEFERRED) or (job is None and held is not None):
+            live += 1  # (a slot admission reserved for a job being enqueued)
         else:
             stale.append(job_id)
     if stale:

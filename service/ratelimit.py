@@ -2,6 +2,9 @@
 per-key cap on queued + running jobs (429: one key cannot starve the others) and the global
 queue depth (503), each answered with ``Retry-After``.
 
+The per-key cap is checked and taken in one Lua script (SCARD, then SADD of the new job ids
+only if they fit), so concurrent submissions of one key cannot all pass it.
+
 The rate limit is a sliding-window counter: two fixed one-minute windows, the previous one
 weighted by how much of it still overlaps the last minute. It counts the requests that change
 state (submit, cancel, delete), not polling.
@@ -10,6 +13,7 @@ state (submit, cancel, delete), not polling.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import redis
 from rq import Queue
@@ -20,6 +24,18 @@ from service.settings import Settings
 
 WINDOW_S = 60.0
 DEFAULT_JOB_S = 5.0
+RESERVATION_S = 60  # a reserved id whose job is not enqueued yet counts this long
+# KEYS[1] the owner's active set, ARGV[1] the cap, ARGV[2] the reservation marker prefix,
+# ARGV[3] its TTL, ARGV[4..] the new job ids
+_RESERVE = """
+local size = redis.call('SCARD', KEYS[1])
+if size + #ARGV - 3 > tonumber(ARGV[1]) then return size end
+for i = 4, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('SET', ARGV[2] .. ARGV[i], 1, 'EX', tonumber(ARGV[3]))
+end
+return -1
+"""
 
 
 def rate_key(owner: str, window: int) -> str:
@@ -47,13 +63,24 @@ def typical_job_s(conn: redis.Redis) -> float:
     return min(60.0, max(1.0, mean))
 
 
-def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings,
-          jobs: int = 0, now: float | None = None) -> None:
-    """Raise a 429/503 ApiError unless ``owner`` may make this request adding ``jobs`` jobs.
+def reserve_slots(conn: redis.Redis, owner: str, job_ids: Sequence[str], cap: int) -> int:
+    """Add ``job_ids`` to ``owner``'s active set only if it then holds at most ``cap`` ids,
+    atomically (concurrent submissions cannot both pass the check); returns -1 when added,
+    else the set's current size."""
+    return int(conn.eval(_RESERVE, 1, jobstore.active_key(owner), cap,
+                         jobstore.RESERVED_PREFIX, RESERVATION_S, *job_ids))
 
-    ``jobs=0``: a state-changing request that enqueues nothing (rate limit only). ``owner``
-    None (auth off): no per-key limits, only the global queue depth.
+
+def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings,
+          job_ids: Sequence[str] = (), now: float | None = None) -> None:
+    """Raise a 429/503 ApiError unless ``owner`` may make this request adding the jobs
+    ``job_ids``, whose slots under the per-key cap it then holds (release them with
+    :func:`release_slots` if the enqueue fails).
+
+    No ids: a state-changing request that enqueues nothing (rate limit only). ``owner`` None
+    (auth off): no per-key limits, only the global queue depth.
     """
+    jobs = len(job_ids)
     now = time.time() if now is None else now
     window = int(now // WINDOW_S)
     with conn.pipeline(transaction=False) as pipe:
@@ -61,12 +88,11 @@ def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings
             pipe.incr(rate_key(owner, window))
             pipe.expire(rate_key(owner, window), int(2 * WINDOW_S) + 1)
             pipe.get(rate_key(owner, window - 1))
-            pipe.scard(jobstore.active_key(owner))
         if jobs:
             pipe.llen(queue.key)
         results = pipe.execute()
     if owner is not None:
-        cur, _, prev_raw, active = results[:4]
+        cur, _, prev_raw = results[:3]
         prev, elapsed = int(prev_raw or 0), now - window * WINDOW_S
         limit = settings.rate_limit_per_minute
         if prev * (WINDOW_S - elapsed) / WINDOW_S + cur > limit:
@@ -74,16 +100,24 @@ def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings
             wait = seconds_until_allowed(prev, cur - 1, limit, elapsed)
             raise retry_after(429, f"rate limit of {limit} requests per minute for this API "
                               "key reached; retry after the Retry-After seconds", wait)
-        # SCARD counts ids whose jobs may have ended; prune and recount only near the cap.
-        cap = settings.per_key_max_queued
-        if jobs and active + jobs > cap:
-            active = jobstore.active_count(conn, queue, owner)
-            if active + jobs > cap:
-                raise retry_after(
-                    429, f"this API key has {active} queued or running jobs and may have at "
-                    f"most {cap}; wait for some to finish (or cancel them)", typical_job_s(conn))
     if jobs:
         depth = results[-1]
         if depth + jobs > settings.max_queue_depth:
             raise retry_after(503, f"the queue is full ({depth} jobs waiting, limit "
                               f"{settings.max_queue_depth}); retry later", typical_job_s(conn))
+    if owner is not None and jobs:
+        # the set may hold ids whose jobs ended: prune and retry once when it looks full
+        cap = settings.per_key_max_queued
+        if reserve_slots(conn, owner, job_ids, cap) >= 0:
+            jobstore.active_count(conn, queue, owner)
+            active = reserve_slots(conn, owner, job_ids, cap)
+            if active >= 0:
+                raise retry_after(
+                    429, f"this API key has {active} queued or running jobs and may have at "
+                    f"most {cap}; wait for some to finish (or cancel them)", typical_job_s(conn))
+
+
+def release_slots(conn: redis.Redis, owner: str | None, job_ids: Sequence[str]) -> None:
+    """Give back the per-key slots :func:`admit` reserved for jobs that were not enqueued."""
+    if owner is not None and job_ids:
+        conn.srem(jobstore.active_key(owner), *job_ids)

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         "although private or loopback, e.g. [\"10.1.0.0/16\", \"hooks.internal\"]; others "
         "must be public (SSRF guard)")
     wait_max_s: float = Field(60.0, description="Longest `Prefer: wait=N` honoured")
+    wait_max_per_key: int = Field(
+        10, ge=0, description="`Prefer: wait` requests one key may hold open at once per "
+        "gateway process; past that they are answered at once (202), as without the header")
+    redis_max_connections: int = Field(
+        100, ge=4, description="Connections per Redis pool of a gateway process (sync and "
+        "async); a request waits up to 5 s for a free one, then gets 503")
 
     @field_validator("policy_file", mode="before")
     @classmethod

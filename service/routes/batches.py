@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service import idempotency, jobstore
 from service.deps import OwnerDep, Runtime, RuntimeDep, visible_to
 from service.errors import REDIS_DOWN, ApiError, documented
+from service.ratelimit import admit
 from service.routes.generations import IdempotencyHeader, enqueue_all, log_submission
 from service.schemas import Batch, BatchCreate
 from service.validation import check_batch
@@ -39,6 +40,7 @@ def submit_batch(rt: Runtime, body: BatchCreate, owner: str | None, idem_key: st
         conn, owner, idem_key, fp, batch_id,
         settings.idempotency_ttl_s, lambda i: _stored_batch(rt, i))
     if earlier is not None:
+        admit(conn, rt.queue, owner, settings)  # a replay still counts towards the rate limit
         return _view(rt, *earlier, base), False
     ids = [jobstore.new_id() for _ in body.requests]
     with idempotency.released_on_error(conn, owner, idem_key, batch_id):

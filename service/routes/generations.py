@@ -3,23 +3,29 @@ delete.
 
 Submitting costs one threadpool hop and a few Redis round trips: the API key (async client),
 the Idempotency-Key claim, admission (rate limit, per-key cap and queue depth in one pipeline)
-and the enqueue (job, owner slot and queue position in one transaction). Waiting blocks on
-the job's RQ result stream (XREAD on the async client), so a waiting request holds no thread.
+and the enqueue (job, owner slot and queue position in one transaction). A waiting request
+holds neither a thread nor a Redis connection: the process's result waiter
+(service/result_waiter.py) wakes it when its job ends; a key may hold
+``STEER_WAIT_MAX_PER_KEY`` waits at once (past that, the answer comes at once, as without
+``Prefer: wait``). Every submission counts towards the key's rate limit, replays of an
+Idempotency-Key included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Header, Request, Response
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
-from rq.results import Result
 from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, jobstore
@@ -27,7 +33,7 @@ from service.deps import OwnerDep, Runtime, RuntimeDep, visible_to
 from service.errors import REDIS_DOWN, ApiError, documented, retry_after
 from service.jobstore import GenerationRecord
 from service.logs import request_id as request_id_var
-from service.ratelimit import admit
+from service.ratelimit import admit, release_slots
 from service.routes.policy import caller_policy
 from service.schemas import Generation, GenerationCreate
 from service.validation import check_generation
@@ -39,7 +45,6 @@ router = APIRouter(prefix="/v1", tags=["generations"])
 
 SEED_RANGE = 2**32
 DELETE_WAIT_S = 10.0         # how long DELETE waits for a running job to stop
-RESULT_BLOCK_S = 1.0         # one XREAD; between them the job's state is re-read
 
 PreferHeader = Annotated[str | None, Header(
     description="`wait=N`: hold the response up to N seconds (capped by STEER_WAIT_MAX_S) "
@@ -81,6 +86,17 @@ def queued_record(job: Job, payload: dict[str, Any], position: int | None) -> Ge
         outcome=None, error=None, payload=payload, webhook=meta.get("webhook"))
 
 
+@contextlib.contextmanager
+def release_on_error(conn: redis.Redis, owner: str | None, ids: list[str]) -> Iterator[None]:
+    """Give back the per-key slots admission reserved if the enqueue inside fails."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            release_slots(conn, owner, ids)
+        raise
+
+
 def enqueue_all(rt: Runtime, requests: list[GenerationCreate], ids: list[str],
                 owner: str | None, batch_id: str | None = None,
                 webhook: str | None = None) -> list[GenerationRecord]:
@@ -89,8 +105,8 @@ def enqueue_all(rt: Runtime, requests: list[GenerationCreate], ids: list[str],
     the caller's content policy (its workers apply it)."""
     conn, settings = rt.conn, rt.settings
     policy, _ = caller_policy(rt, owner)
-    admit(conn, rt.queue, owner, settings, jobs=len(ids))
-    with conn.pipeline() as pipe:
+    admit(conn, rt.queue, owner, settings, job_ids=ids)
+    with release_on_error(conn, owner, ids), conn.pipeline() as pipe:
         enqueued = []
         for job_id, req in zip(ids, requests, strict=True):
             payload = job_payload(req)
@@ -130,6 +146,7 @@ def submit(rt: Runtime, req: GenerationCreate, owner: str | None,
         conn, owner, idem_key, fp, job_id,
         settings.idempotency_ttl_s, lambda i: jobstore.read_generation(rt.queue, i))
     if earlier is not None:
+        admit(conn, rt.queue, owner, settings)  # a replay still counts towards the rate limit
         return earlier, False
     with idempotency.released_on_error(conn, owner, idem_key, job_id):
         return enqueue_all(rt, [req], [job_id], owner)[0], True
@@ -145,18 +162,16 @@ def read_visible(rt: Runtime, job_id: str, owner: str | None) -> GenerationRecor
 
 
 async def wait_for(rt: Runtime, job_id: str, seconds: float) -> GenerationRecord | None:
-    """Re-read the job until it ends or ``seconds`` pass, blocking on its RQ result stream."""
+    """Re-read the job until it ends or ``seconds`` pass, woken by the process's result
+    waiter (no pooled connection is held while waiting)."""
     deadline = time.monotonic() + seconds
-    stream, last = Result.get_key(job_id), "0-0"
+    seen = "0-0"
     while True:
         record = await run_in_threadpool(jobstore.read_generation, rt.queue, job_id)
         remaining = deadline - time.monotonic()
         if record is None or record.status in TERMINAL or remaining <= 0:
             return record
-        block_ms = max(1, int(min(remaining, RESULT_BLOCK_S) * 1000))
-        entries = await rt.aconn.xread({stream: last}, block=block_ms)
-        if entries:
-            last = entries[0][1][-1][0]
+        seen = await rt.waiter.wait(job_id, remaining, seen)
 
 
 def cancel(rt: Runtime, record: GenerationRecord) -> GenerationRecord:
@@ -213,9 +228,11 @@ async def create_generation(req: GenerationCreate, request: Request, response: R
     if created:
         log_submission(rt, record.id, req)
     if wait_s is not None:
-        response.headers["Preference-Applied"] = f"wait={wait_s:g}"
-        if record.status not in TERMINAL and wait_s > 0:
-            record = await wait_for(rt, record.id, wait_s) or record
+        async with rt.waiter.slot(owner) as allowed:
+            if allowed:  # past the key's concurrent waits: answered now, preference unapplied
+                response.headers["Preference-Applied"] = f"wait={wait_s:g}"
+                if record.status not in TERMINAL and wait_s > 0:
+                    record = await wait_for(rt, record.id, wait_s) or record
     base = rt.base_url(request)
     response.status_code = 200 if (not created or record.status in TERMINAL) else 202
     view = generation_view(record, rt.images, base)
