@@ -298,10 +298,16 @@ def _save_images(result: Enforced, parameters: dict[str, Any], provenance: dict[
                             "provenance": provenance})
         except OSError as exc:  # disk full, read-only, gone: fail this job, keep serving
             rt.images.delete(i["id"] for i in images)
+            # the operator's log names the folder; the client's error does not (a server path
+            # tells an outsider about the host)
+            log.error("could not write an image", extra={
+                "job_id": job_id, "directory": str(rt.images.directory),
+                "error": exc.strerror or str(exc)})
             raise ImageStoreError(
-                f"could not write image {len(images) + 1} of {len(result.images)} to "
-                f"{rt.images.directory}: {exc.strerror or exc}; free space there or point "
-                "STEER_DATA_DIR elsewhere, then resubmit") from exc
+                f"could not write image {len(images) + 1} of {len(result.images)}: "
+                f"{exc.strerror or 'storage error'} in the service's image store (the "
+                "operator must free space in STEER_DATA_DIR or point it elsewhere); "
+                "resubmit later") from exc
         images.append({"id": image_id, "seed": seed})
     return images
 

@@ -162,6 +162,7 @@ def test_a_full_disk_fails_the_job_with_the_reason_and_the_worker_keeps_serving(
     failed = record(conn, settings, full)
     assert failed.status == "failed"
     assert "No space left on device" in failed.error and "free space" in failed.error
+    assert str(settings.data_dir) not in failed.error  # no server path in the client's error
     assert not [p for p in settings.images_dir.iterdir()], "a half-written image was left"
 
     monkeypatch.setattr(PIL.Image.Image, "save", real_save)
