@@ -11,8 +11,9 @@ row t a linear score of the image's mean SAE code over tokens (cond half,
     s_{c,t}(image) = z̄_t · W_{c,t} + b_{c,t}
 
 fitted on image-level labels (``training/detector_fit.py``: ridge towards 1 for images that
-show c and 0 for every other image). The evidence at a step is a running mean of s whose
-step weight never falls below ``alpha``:
+show c and 0 for every other image, then rescaled so that at every step the fitting runs
+without c score mean 0 and standard deviation 1). The evidence at a step is a running mean
+of s whose step weight never falls below ``alpha``:
 
     m_1 = s_1,    m_t = m_{t-1} + max(1/t, alpha) · (s_t − m_{t-1})
 
@@ -27,8 +28,9 @@ over steps of m. The held-out precision and recall at τ_c are stored with it.
 
 For reporting, an image's final detection score is p_c = sigmoid(max_t m_t − τ_c):
 0.5 is exactly the calibrated threshold, and it is monotone in the evidence. It is a ranking
-score around the decision, not a calibrated probability: one unit of score is the gap between
-the fitted targets of an image with and without the concept.
+score around the decision, not a calibrated probability: one unit of score is one standard
+deviation of the scores of images without the concept (files fitted before that rescaling:
+the gap between the fitted targets of an image with and without it).
 
 Stored as ``weight`` [C, steps, n] (float16), ``bias`` [C, steps] and ``threshold`` [C]
 (float32), with the concept names (the bundle's, in its order), alpha, the target

@@ -20,6 +20,12 @@ none), in the dual form on a fit split: one solve per step serves every concept,
 form and deterministic, and with far fewer runs than features a logistic read-out would
 separate the fit split perfectly and need its regularisation tuned per concept, while the
 threshold is calibrated on held-out runs anyway, so the score need not be a probability.
+Each step's score is then rescaled so that the fit split's negatives have mean 0 and
+standard deviation 1 at that step (folded into W and b; serving is unchanged). Without it
+the early steps, where the negatives' scores spread most, set the maximum over steps for
+many negatives, τ rises, and a concept the model settles on late (unnamed in the prompt) is
+missed: on the toy world, at the same 1 % false-positive rate, recall on images whose prompt
+leaves the colour unnamed rose from 0.89–0.92 to 0.94–0.96 (held-out runs; shapes likewise).
 
 The threshold τ_c is calibrated on a held-out split (a hash of prompt and seed, so a run
 stays on its side when the runs file grows): the smallest value that at most a fraction
@@ -216,6 +222,16 @@ def check_counts(labels: Sequence[set[str]], concepts: Sequence[str], heldout: T
                          + "; ".join(problems))
 
 
+def negative_spread(scores: Tensor, negative: Tensor) -> tuple[Tensor, Tensor]:
+    """Per concept, the mean and standard deviation of ``scores`` [N, C] over the runs
+    without it (``negative`` [N, C] bool); the deviation is floored so that a concept every
+    negative scores alike keeps a finite scale."""
+    n = negative.sum(0).clamp_min(1).to(scores.dtype)
+    mean = (scores * negative).sum(0) / n
+    var = (((scores - mean) ** 2) * negative).sum(0) / (n - 1).clamp_min(1)
+    return mean, var.sqrt().clamp_min(1e-6)
+
+
 def calibrate_threshold(negatives: Tensor, fpr: float) -> float:
     """The smallest τ that at most ⌊fpr·N⌋ of the N negative statistics reach (≥ τ): the
     conservative (1 − fpr) quantile, so the held-out false-positive rate is ≤ fpr."""
@@ -242,10 +258,17 @@ def fit_detectors(codes: Tensor, labels: Sequence[set[str]], concepts: Sequence[
     y_mean = y.mean(0)
     weight = torch.zeros(len(concepts), steps, n, dtype=torch.float64)
     bias = torch.zeros(len(concepts), steps, dtype=torch.float64)
+    negative = y == 0  # [N_fit, C]
     for t in range(steps):
-        w, b = ridge_readout(codes[t, fit].double(), y - y_mean, ridge)
-        weight[:, t] = w.T
-        bias[:, t] = b + y_mean
+        x = codes[t, fit].double()
+        w, b = ridge_readout(x, y - y_mean, ridge)
+        b = b + y_mean
+        # each step's score in units of the fit split's negatives at that step (mean 0, sd 1):
+        # early steps, where negatives' scores spread widely, then cannot set the maximum
+        # over steps that τ is calibrated on (see standardise_scores)
+        shift, scale = negative_spread(x @ w + b, negative)
+        weight[:, t] = (w / scale).T
+        bias[:, t] = (b - shift) / scale
     detectors = ConceptDetectors(list(concepts), weight, bias.float(),
                                  torch.zeros(len(concepts)), fpr, label_source,
                                  command=command, alpha=alpha)
