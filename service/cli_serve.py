@@ -101,6 +101,10 @@ def serve(
             settings = Settings()
             if workers:
                 stack.enter_context(_worker_process(device, workers))
+        if host not in ("0.0.0.0", "::") and host not in settings.allowed_hosts:
+            # the address it listens on is one clients may name in Host
+            settings = settings.model_copy(
+                update={"allowed_hosts": [*settings.allowed_hosts, host]})
         app = create_app(settings)
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
         typer.echo(f"sae-steering is serving on http://{shown}:{port}/  "

@@ -39,8 +39,18 @@ class Runtime:
     policies: PolicyFile | None = None  # the content-safety policy file (None: no policy)
 
     def base_url(self, request: Request) -> str:
-        """Where links point: ``settings.public_url``, else the request's own base URL."""
-        return (self.settings.public_url or str(request.base_url)).rstrip("/")
+        """Where links point: ``settings.public_url``, else the request's own base URL when
+        its host is one of ``settings.allowed_hosts`` (else 400: the Host header is the
+        client's to choose, and would be reflected into Location and every link)."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        allowed = self.settings.allowed_hosts
+        if "*" not in allowed and (request.url.hostname or "").strip("[]") not in allowed:
+            raise ApiError(400, "this request's Host header is not one the service answers "
+                           "for; the operator sets STEER_PUBLIC_URL to the URL clients use "
+                           "(links are built from it) or adds the host to "
+                           "STEER_ALLOWED_HOSTS", field="Host")
+        return str(request.base_url).rstrip("/")
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
                                      "YAML, docs/serving.md); None: no policy")
     public_url: str = Field("", description="Base URL for links in responses and webhooks "
                             "(empty: links are relative to the request's own base URL)")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Without public_url, the Host headers whose requests are answered (links "
+        "are built from the Host); others get 400, so a forged Host cannot be reflected into "
+        "Location and links. \"*\" allows any")
     queue_name: str = "steer-generations"
     webhook_queue_name: str = "steer-webhooks"
 

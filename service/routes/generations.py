@@ -224,6 +224,7 @@ async def create_generation(req: GenerationCreate, request: Request, response: R
     wait_s = prefer_wait(prefer, rt.settings.wait_max_s)
     check_generation(req, rt.settings, rt.catalog)
     key = idempotency.check_header(idempotency_key)
+    base = rt.base_url(request)  # before enqueueing: a refused Host must not leave a job
     record, created = await run_in_threadpool(submit, rt, req, owner, key)
     if created:
         log_submission(rt, record.id, req)
@@ -233,7 +234,6 @@ async def create_generation(req: GenerationCreate, request: Request, response: R
                 response.headers["Preference-Applied"] = f"wait={wait_s:g}"
                 if record.status not in TERMINAL and wait_s > 0:
                     record = await wait_for(rt, record.id, wait_s) or record
-    base = rt.base_url(request)
     response.status_code = 200 if (not created or record.status in TERMINAL) else 202
     view = generation_view(record, rt.images, base)
     response.headers["Location"] = view.links.self

@@ -58,7 +58,8 @@ def fast_settings(data_dir: Path, redis_url: str | None, **overrides: object) ->
         bundle_dir=REPO_ASSETS / "toy-bundle", worker_heartbeat_s=0.5,
         worker_heartbeat_ttl_s=3, maintenance_interval_s=1, job_timeout_s=120,
         url_signing_secret="test-url-secret", webhook_secret="test-webhook-secret",
-        webhook_allowed=["127.0.0.0/8"], log_json=True)  # the tests' receivers are local
+        webhook_allowed=["127.0.0.0/8"], log_json=True,  # the tests' receivers are local
+        allowed_hosts=["127.0.0.1", "localhost", "testserver"])  # TestClient's host
     values.update(overrides)
     return Settings(**values)
 

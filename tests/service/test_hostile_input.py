@@ -173,3 +173,23 @@ def test_rate_limit_is_not_evaded_by_forwarding_headers_or_scheme_case(auth_sett
                        headers={"Authorization": f"{scheme} {token}", **extra})
             codes.append(r.status_code)
         assert codes == [202, 202, 429, 429, 429, 429]
+
+
+def test_a_forged_host_header_is_never_reflected_into_links(client, conn):
+    """Without STEER_PUBLIC_URL links are built from the request's Host: a Host outside
+    STEER_ALLOWED_HOSTS is refused before anything is queued."""
+    r = client.post("/v1/generations", json=body(), headers={"Host": "evil.example"})
+    assert r.status_code == 400 and "STEER_PUBLIC_URL" in r.json()["detail"]
+    assert "evil.example" not in r.text and "location" not in r.headers
+    assert conn.llen("rq:queue:steer-generations") == 0
+    ok = client.post("/v1/generations", json=body())
+    assert ok.status_code == 202 and ok.headers["location"].startswith("http://testserver/")
+
+
+def test_links_use_the_public_url_whatever_the_host(tmp_path, redis_url):
+    settings = fast_settings(tmp_path / "data", redis_url,
+                             public_url="https://steer.example.org", allowed_hosts=[])
+    with api_client(settings) as c:
+        r = c.post("/v1/generations", json=body(), headers={"Host": "evil.example"})
+    assert r.status_code == 202
+    assert r.headers["location"].startswith("https://steer.example.org/v1/generations/")
