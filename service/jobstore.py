@@ -119,15 +119,16 @@ def enqueue_generation(queue: Queue, payload: dict[str, Any], *, job_id: str,
                        owner: str | None, request_id: str | None, batch_id: str | None,
                        webhook: str | None, timeout_s: int, retention_s: int,
                        pipeline: redis.client.Pipeline | None = None,
-                       policy: str | None = None) -> Job:
-    """Enqueue one generation; a worker that dies mid-job gets it retried once elsewhere.
-    ``policy`` is the content policy the worker applies (None: the worker's default)."""
+                       policy: str | None = None, at_front: bool = False) -> Job:
+    """Enqueue one generation (``at_front``: next for the workers); a worker that dies
+    mid-job gets it retried once elsewhere. ``policy`` is the content policy the worker
+    applies (None: the worker's default)."""
     meta = {"owner": owner, "request_id": request_id, "batch_id": batch_id,
             "webhook": webhook, "created_at": utcnow().isoformat(), "policy": policy}
     job = queue.enqueue_call(
         RUN_GENERATION, kwargs={"payload": payload}, job_id=job_id, timeout=timeout_s,
         result_ttl=retention_s, failure_ttl=retention_s, ttl=retention_s, meta=meta,
-        retry=Retry(max=1), pipeline=pipeline)
+        retry=Retry(max=1), pipeline=pipeline, at_front=at_front)
     if owner is not None:
         conn = pipeline if pipeline is not None else queue.connection
         conn.sadd(active_key(owner), job_id)

@@ -29,12 +29,12 @@ RESERVATION_S = 60  # a reserved id whose job is not enqueued yet counts this lo
 # ARGV[3] its TTL, ARGV[4..] the new job ids
 _RESERVE = """
 local size = redis.call('SCARD', KEYS[1])
-if size + #ARGV - 3 > tonumber(ARGV[1]) then return size end
+if size + #ARGV - 3 > tonumber(ARGV[1]) then return {0, size} end
 for i = 4, #ARGV do
   redis.call('SADD', KEYS[1], ARGV[i])
   redis.call('SET', ARGV[2] .. ARGV[i], 1, 'EX', tonumber(ARGV[3]))
 end
-return -1
+return {1, size}
 """
 
 
@@ -63,19 +63,22 @@ def typical_job_s(conn: redis.Redis) -> float:
     return min(60.0, max(1.0, mean))
 
 
-def reserve_slots(conn: redis.Redis, owner: str, job_ids: Sequence[str], cap: int) -> int:
+def reserve_slots(conn: redis.Redis, owner: str, job_ids: Sequence[str], cap: int
+                  ) -> tuple[bool, int]:
     """Add ``job_ids`` to ``owner``'s active set only if it then holds at most ``cap`` ids,
-    atomically (concurrent submissions cannot both pass the check); returns -1 when added,
-    else the set's current size."""
-    return int(conn.eval(_RESERVE, 1, jobstore.active_key(owner), cap,
-                         jobstore.RESERVED_PREFIX, RESERVATION_S, *job_ids))
+    atomically (concurrent submissions cannot both pass the check): (added, the set's size
+    before)."""
+    added, size = conn.eval(_RESERVE, 1, jobstore.active_key(owner), cap,
+                            jobstore.RESERVED_PREFIX, RESERVATION_S, *job_ids)
+    return bool(added), int(size)
 
 
 def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings,
-          job_ids: Sequence[str] = (), now: float | None = None) -> None:
+          job_ids: Sequence[str] = (), now: float | None = None) -> int | None:
     """Raise a 429/503 ApiError unless ``owner`` may make this request adding the jobs
     ``job_ids``, whose slots under the per-key cap it then holds (release them with
-    :func:`release_slots` if the enqueue fails).
+    :func:`release_slots` if the enqueue fails). Returns how many queued or running jobs
+    the key had before them (None without an owner or jobs).
 
     No ids: a state-changing request that enqueues nothing (rate limit only). ``owner`` None
     (auth off): no per-key limits, only the global queue depth.
@@ -105,16 +108,19 @@ def admit(conn: redis.Redis, queue: Queue, owner: str | None, settings: Settings
         if depth + jobs > settings.max_queue_depth:
             raise retry_after(503, f"the queue is full ({depth} jobs waiting, limit "
                               f"{settings.max_queue_depth}); retry later", typical_job_s(conn))
-    if owner is not None and jobs:
-        # the set may hold ids whose jobs ended: prune and retry once when it looks full
-        cap = settings.per_key_max_queued
-        if reserve_slots(conn, owner, job_ids, cap) >= 0:
-            jobstore.active_count(conn, queue, owner)
-            active = reserve_slots(conn, owner, job_ids, cap)
-            if active >= 0:
-                raise retry_after(
-                    429, f"this API key has {active} queued or running jobs and may have at "
-                    f"most {cap}; wait for some to finish (or cancel them)", typical_job_s(conn))
+    if owner is None or not jobs:
+        return None
+    # the set may hold ids whose jobs ended: prune and retry once when it looks full
+    cap = settings.per_key_max_queued
+    added, active = reserve_slots(conn, owner, job_ids, cap)
+    if not added:
+        jobstore.active_count(conn, queue, owner)
+        added, active = reserve_slots(conn, owner, job_ids, cap)
+        if not added:
+            raise retry_after(
+                429, f"this API key has {active} queued or running jobs and may have at "
+                f"most {cap}; wait for some to finish (or cancel them)", typical_job_s(conn))
+    return active
 
 
 def release_slots(conn: redis.Redis, owner: str | None, job_ids: Sequence[str]) -> None:

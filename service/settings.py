@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=999, description="Most denoising steps a request may "
                            "ask for (DDIM on SD-1.x's 1000 training timesteps: at most 999)")
     min_size: int = 8
-    max_size: int = 1024
+    max_size: int | None = Field(None, ge=8, description="Largest width/height (None: twice "
+                                 "the pipeline's native side, e.g. 1024 for SD-1.x)")
+    max_job_cost: int | None = Field(
+        None, ge=1, description="Most pixel-steps (width × height × steps × n_images) one job "
+        "may ask for (None: the native side² × 50 steps × 8 images)")
     max_n_images: int = 8
     max_batch_items: int = 100
     max_body_bytes: int = 256 * 1024

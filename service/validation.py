@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from service.catalog import Catalog
 from service.errors import ApiError
+from service.job_limits import JobLimits
 from service.schemas import SEED_LIMIT, BatchCreate, GenerationCreate
 from service.settings import Settings
 from service.webhook_guard import WebhookRefused, check_url
@@ -38,17 +39,24 @@ def check_generation(req: GenerationCreate, settings: Settings, catalog: Catalog
                            f"{settings.max_prompt_chars} are accepted")
     if not 1 <= req.steps <= settings.max_steps:
         raise _invalid(at + "steps", f"{req.steps} is outside [1, {settings.max_steps}]")
+    limits = JobLimits.from_settings(settings)
     for name in ("width", "height"):
         size = getattr(req, name)
         if size is None:
             continue
         if size % 8:
             raise _invalid(at + name, f"{size} is not a multiple of 8 (try {size - size % 8 or 8})")
-        if not settings.min_size <= size <= settings.max_size:
+        if not settings.min_size <= size <= limits.max_size:
             raise _invalid(at + name, f"{size} is outside [{settings.min_size}, "
-                           f"{settings.max_size}]")
+                           f"{limits.max_size}] (this model's native side is "
+                           f"{limits.native})")
     if not 1 <= req.n_images <= settings.max_n_images:
         raise _invalid(at + "n_images", f"{req.n_images} is outside [1, {settings.max_n_images}]")
+    cost = limits.cost(req.width, req.height, req.steps, req.n_images)
+    if cost > limits.max_cost:
+        raise _invalid(at + "steps", f"width × height × steps × n_images = {cost:,} pixel-steps "
+                       f"is over this deployment's budget of {limits.max_cost:,} per job "
+                       "(STEER_MAX_JOB_COST); ask for fewer steps or images, or a smaller size")
     if req.seed is not None and req.seed + req.n_images > SEED_LIMIT:
         raise _invalid(at + "seed", f"image i uses seed + i, and {req.seed} + "
                        f"{req.n_images - 1} passes {SEED_LIMIT - 1}: use a seed ≤ "

@@ -105,23 +105,27 @@ def enqueue_all(rt: Runtime, requests: list[GenerationCreate], ids: list[str],
     the caller's content policy (its workers apply it)."""
     conn, settings = rt.conn, rt.settings
     policy, _ = caller_policy(rt, owner)
-    admit(conn, rt.queue, owner, settings, job_ids=ids)
+    active_before = admit(conn, rt.queue, owner, settings, job_ids=ids)
+    # fairness: the first job of a key with nothing queued or running goes to the front, so
+    # another key's backlog never holds it back; the rest of its jobs queue at the back
+    jump = active_before == 0
     with release_on_error(conn, owner, ids), conn.pipeline() as pipe:
         enqueued = []
-        for job_id, req in zip(ids, requests, strict=True):
+        for i, (job_id, req) in enumerate(zip(ids, requests, strict=True)):
             payload = job_payload(req)
             hook = str(req.webhook) if req.webhook else webhook
             enqueued.append((jobstore.enqueue_generation(
                 rt.queue, payload, job_id=job_id, owner=owner, request_id=request_id_var.get(),
                 batch_id=batch_id, webhook=hook, timeout_s=settings.job_timeout_s,
                 retention_s=settings.result_retention_s, pipeline=pipe,
-                policy=policy.name if policy is not None else None), payload))
+                policy=policy.name if policy is not None else None,
+                at_front=jump and i == 0), payload))
         if batch_id is not None:
             jobstore.save_batch(conn, batch_id, ids, owner, settings.result_retention_s,
                                 pipeline=pipe)
-        pipe.llen(rt.queue.key)  # in the same MULTI: these jobs are the last (LPOS is O(queue))
+        pipe.llen(rt.queue.key)  # in the same MULTI: the others are the last (LPOS is O(queue))
         length = pipe.execute()[-1]
-    return [queued_record(job, payload, length - len(ids) + i)
+    return [queued_record(job, payload, 0 if jump and i == 0 else length - len(ids) + i)
             for i, (job, payload) in enumerate(enqueued)]
 
 

@@ -303,3 +303,41 @@ def test_a_concept_named_twice_is_a_422(client):
     assert r.status_code == 422, r.text
     assert r.json()["field"] == "concepts[1].name"
     assert "concepts[0]" in r.json()["detail"] and "once" in r.json()["detail"]
+
+
+def test_limits_follow_the_loaded_pipeline(client):
+    """The toy model's native side is 32: sides up to 64, and a budget of 32² × 50 steps
+    × 8 images pixel-steps per job (a 1024² request used to be accepted and ran for hours)."""
+    big = client.post("/v1/generations", json=body(width=128))
+    assert big.status_code == 422 and big.json()["field"] == "width"
+    assert "native side is 32" in big.json()["detail"]
+    assert client.post("/v1/generations", json=body(width=64, height=64)).status_code == 202
+    costly = client.post("/v1/generations", json=body(width=64, height=64, steps=150))
+    assert costly.status_code == 422 and costly.json()["field"] == "steps"
+    assert "budget of 409,600" in costly.json()["detail"]
+    assert client.post("/v1/generations", json=body(steps=50, n_images=8)).status_code == 202
+    assert client.post("/v1/generations",
+                       json=body(steps=51, n_images=8)).status_code == 422
+
+
+def test_an_explicit_budget_and_size_replace_the_derived_ones(redis_url, tmp_path):
+    from tests.service.conftest import fast_settings
+
+    settings = fast_settings(tmp_path / "d", redis_url, max_size=128, max_job_cost=10_000)
+    with api_client(settings) as c:
+        assert c.post("/v1/generations", json=body(width=128, height=8,
+                                                   steps=9)).status_code == 202
+        r = c.post("/v1/generations", json=body(steps=10))  # 32 × 32 × 10 > 10,000
+        assert r.status_code == 422 and "budget of 10,000" in r.json()["detail"]
+
+
+def test_native_size_is_read_from_the_configs_of_any_sd_folder(tmp_path):
+    from service.job_limits import native_size
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"sample_size": 64}')
+    (tmp_path / "vae" / "config.json").write_text(
+        '{"block_out_channels": [128, 256, 512, 512]}')
+    assert native_size(tmp_path) == 512  # SD-1.x
+    assert native_size(tmp_path / "missing") is None

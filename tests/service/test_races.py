@@ -67,3 +67,23 @@ def test_retries_after_delete_make_exactly_one_new_job(settings, conn):
     assert {r.status_code for r in retries} <= {200, 202}, [r.text for r in retries]
     assert len({r.json()["id"] for r in retries}) == 1
     assert len(Queue(settings.queue_name, connection=conn)) == 1
+
+
+def test_one_keys_backlog_never_holds_back_another_keys_first_job(settings, conn):
+    """A key with nothing queued or running has its job taken next; its further jobs queue
+    behind everyone's."""
+    from tests.service.api_support import api_client
+
+    settings = settings.model_copy(update={"per_key_max_queued": 100})
+    _, busy = auth.create_key(conn, "busy")
+    _, fresh = auth.create_key(conn, "fresh")
+    queue = Queue(settings.queue_name, connection=conn)
+    with api_client(settings) as c:
+        backlog = [c.post("/v1/generations", json=body(seed=i), headers=bearer(busy)).json()
+                   for i in range(5)]
+        assert [g["queue_position"] for g in backlog] == [0, 1, 2, 3, 4]  # busy was idle
+        first = c.post("/v1/generations", json=body(), headers=bearer(fresh)).json()
+        second = c.post("/v1/generations", json=body(seed=9), headers=bearer(fresh)).json()
+    assert first["queue_position"] == 0 and second["queue_position"] == 6
+    assert queue.job_ids[0] == first["id"] and queue.job_ids[-1] == second["id"]
+    assert queue.job_ids[1:6] == [g["id"] for g in backlog]
