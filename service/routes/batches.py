@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -17,6 +20,7 @@ from service.validation import check_batch
 from service.views import batch_view
 
 router = APIRouter(prefix="/v1", tags=["batches"])
+POLL_CACHE_S = 1.0  # polls of one batch within this long share one read
 
 
 def _stored_batch(rt: Runtime, batch_id: str) -> tuple[str, dict[str, Any]] | None:
@@ -28,6 +32,34 @@ def _view(rt: Runtime, batch_id: str, batch: dict[str, Any], base: str) -> Batch
     jobstore.reap_abandoned(rt.queue)  # once for the whole batch, not once per job
     records = [jobstore.read_generation(rt.queue, job_id, reap=False) for job_id in batch["ids"]]
     return batch_view(batch_id, batch["ids"], records, rt.images, base)
+
+
+class RecentViews:
+    """Batch views made in the last ``ttl_s`` seconds, by (batch id, base URL): a batch of
+    100 jobs costs hundreds of Redis round trips to read, and clients poll it in a loop, so
+    polls within the same second share one read (bounded: the oldest entries go first)."""
+
+    def __init__(self, ttl_s: float = POLL_CACHE_S, size: int = 256) -> None:
+        self.ttl_s, self.size = ttl_s, size
+        self._views: dict[tuple[str, str], tuple[float, Batch]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], make: Callable[[], Batch]) -> Batch:
+        """The view under ``key`` if recent enough, else ``make()`` (kept)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._views.get(key)
+            if hit is not None and now - hit[0] < self.ttl_s:
+                return hit[1]
+        view = make()
+        with self._lock:
+            self._views[key] = (now, view)
+            while len(self._views) > self.size:
+                del self._views[next(iter(self._views))]
+        return view
+
+
+RECENT = RecentViews()
 
 
 def submit_batch(rt: Runtime, body: BatchCreate, owner: str | None, idem_key: str | None,
@@ -73,12 +105,15 @@ async def create_batch(body: BatchCreate, request: Request, response: Response,
 @router.get("/batches/{id}", response_model=Batch, summary="A batch's state",
             responses=documented(401, 404, 422, 503, e503=REDIS_DOWN))
 async def get_batch(id: str, request: Request, rt: RuntimeDep, owner: OwnerDep) -> Batch:
-    """Every job of the batch (as GET /v1/generations/{id} shows it) and counts by status."""
+    """Every job of the batch (as GET /v1/generations/{id} shows it) and counts by status.
+    Each poll counts towards the key's rate limit; polls within a second share one read."""
 
     def work() -> Batch:
         batch = jobstore.load_batch(rt.conn, id) if jobstore.valid_id(id) else None
         if batch is None or not visible_to(batch.get("owner"), owner, rt.settings):
             raise ApiError(404, f"no batch {id!r} (it may have expired)", field="id")
-        return _view(rt, id, batch, rt.base_url(request))
+        admit(rt.conn, rt.queue, owner, rt.settings)  # batch polls count towards the limit
+        base = rt.base_url(request)
+        return RECENT.get((id, base), lambda: _view(rt, id, batch, base))
 
     return await run_in_threadpool(work)

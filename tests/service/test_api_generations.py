@@ -253,6 +253,33 @@ def test_batch_submits_one_job_per_request_and_polls_as_one(client, conn, queue)
     assert client.get(f"/v1/batches/{uuid.uuid4()}").status_code == 404
 
 
+def test_batch_polls_share_one_read_and_count_towards_the_rate_limit(tmp_path, redis_url,
+                                                                    conn, monkeypatch):
+    """A batch of 10 polled 40 times: the jobs are read once per cache period (a long one
+    here, so the count is exact), and the polls are rate-limited like submissions."""
+    from service import auth
+    from service.routes import batches
+    from tests.service.conftest import fast_settings
+
+    monkeypatch.setattr(batches, "RECENT", batches.RecentViews(ttl_s=3600))
+    reads = []
+    real = jobstore.read_generation
+    monkeypatch.setattr(jobstore, "read_generation",
+                        lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    settings = fast_settings(tmp_path / "d", redis_url, auth_enabled=True,
+                             rate_limit_per_minute=30, per_key_max_queued=100)
+    _, token = auth.create_key(conn, "poller")
+    headers = {"Authorization": f"Bearer {token}"}
+    with api_client(settings) as c:
+        batch = c.post("/v1/batches", headers=headers,
+                       json={"requests": [body(seed=i) for i in range(10)]}).json()
+        reads.clear()
+        codes = [c.get(f"/v1/batches/{batch['id']}", headers=headers).status_code
+                 for _ in range(40)]
+    assert len(reads) == 10  # one read of each job, shared by every poll
+    assert codes[:29] == [200] * 29 and set(codes[29:]) == {429}  # the POST counted too
+
+
 def test_batch_validation_names_the_item_and_the_size_limit(client, settings, queue):
     bad = [body(), body(concepts=[{"name": "red", "percentile": 100}])]
     r = client.post("/v1/batches", json={"requests": bad})
