@@ -2,8 +2,9 @@
 
 Routes and helpers raise :class:`ApiError` (status, message, the field at fault, headers such
 as ``Retry-After``); :func:`install_error_handlers` maps it, FastAPI's validation errors,
-Starlette's HTTP errors (404 route, 405) and an unreachable Redis (503 + Retry-After) onto that
-one shape. :func:`documented` writes the matching ``responses=`` entries for the OpenAPI.
+Starlette's HTTP errors (404 route, 405) and a Redis that is unreachable or refuses writes
+(a full disk: 503 + Retry-After) onto that one shape. :func:`documented` writes the matching
+``responses=`` entries for the OpenAPI.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.redis_errors import UNREACHABLE, cannot_write
 from service.schemas import ErrorDetail
 
 log = logging.getLogger("service.errors")
 
 REDIS_RETRY_AFTER_S = 5
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+REDIS_ERRORS = UNREACHABLE
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                      "schema": {"type": "integer"}}}
 ERROR_DESCRIPTIONS = {
@@ -136,6 +138,15 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
 
 
+async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+    if not cannot_write(exc):
+        return await _unexpected(request, exc)
+    log.error("redis refuses writes: %s", exc)
+    return error_response(
+        503, "the job store (Redis) cannot write right now (its disk or memory is full); "
+        "retry later", headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the request id in X-Request-ID helps find it "
@@ -149,4 +160,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in REDIS_ERRORS:
         app.add_exception_handler(exc_type, _redis_down)
+    app.add_exception_handler(redis.exceptions.ResponseError, _redis_refused)
     app.add_exception_handler(Exception, _unexpected)

@@ -10,11 +10,13 @@ an HMAC-SHA256 signature, so an ``<img>`` tag works without an Authorization hea
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -88,16 +90,19 @@ def read_png_text(path: Path) -> dict[str, str]:
 class ImageStore:
     """The image folder: save, find, sign links to, delete and expire ``<uuid>.png`` files."""
 
-    def __init__(self, directory: Path, secret: bytes, url_ttl_s: int = 3600) -> None:
+    def __init__(self, directory: Path, secret: bytes, url_ttl_s: int = 3600,
+                 reserve_bytes: int = 0) -> None:
         self.directory = Path(directory)
         self._secret = secret
         self.url_ttl_s = url_ttl_s
+        self.reserve_bytes = reserve_bytes
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageStore:
         """The store of ``settings.images_dir``, signing with the shared URL secret."""
         secret = load_or_create_secret(settings.url_signing_secret, settings.data_dir, "url")
-        return cls(settings.images_dir, secret, settings.image_url_ttl_s)
+        return cls(settings.images_dir, secret, settings.image_url_ttl_s,
+                   settings.image_reserve_mb * 2**20)
 
     def path(self, image_id: str) -> Path:
         """``<dir>/<id>.png``; ValueError unless ``image_id`` is a canonical UUID."""
@@ -117,6 +122,11 @@ class ImageStore:
         info.add_text(PARAMETERS_CHUNK, parameters)
         info.add_text(PROVENANCE_CHUNK, json.dumps(provenance, sort_keys=True, default=str))
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.reserve_bytes and shutil.disk_usage(self.directory).free < self.reserve_bytes:
+            # fail this image while the queue's log (the same disk when embedded) can still
+            # record the failure
+            raise OSError(errno.ENOSPC, f"No space left on device (under "
+                          f"{self.reserve_bytes / 2**20:g} MB free, kept for the job store)")
         tmp = self.directory / f"{_TMP_PREFIX}{image_id}.png"
         try:
             image.save(tmp, format="PNG", pnginfo=info)

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     url_signing_secret: SecretStr = Field(
         SecretStr(""), description="HMAC key for image links (empty: random per data_dir)")
     image_url_ttl_s: int = 3600
+    image_reserve_mb: int = Field(
+        64, ge=0, description="Free space (MB) image writes leave on their disk: a job fails "
+        "with a disk-full error before the queue's append-only file (embedded mode: same "
+        "folder) runs out")
     webhook_secret: SecretStr = Field(
         SecretStr(""), description="HMAC key for webhook signatures (empty: random per data_dir)")
     log_prompts: bool = Field(False, description="Include prompts in logs")

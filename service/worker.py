@@ -45,6 +45,7 @@ from rq.scheduler import run as run_scheduler
 from rq.worker import WorkerStatus
 
 from service.jobstore import utcnow
+from service.redis_errors import transient
 from service.runner import WorkerRuntime, configure
 from service.settings import Settings
 from service.worker_registry import register_worker, unregister_worker
@@ -162,11 +163,11 @@ class SteerWorker(SimpleWorker):
         while True:
             try:
                 worked = super().work(burst=burst, **kwargs)
-            except redis.ConnectionError:
-                if burst or self._stopping():
+            except redis.RedisError as exc:
+                if burst or self._stopping() or not transient(exc):
                     raise
-                log.warning("Redis unreachable: waiting for it, then taking jobs again",
-                            exc_info=True)
+                log.warning("Redis unreachable or refusing writes: waiting for it, then "
+                            "taking jobs again", exc_info=True)
             else:
                 if (burst or self._stopping() or kwargs.get("max_jobs") is not None
                         or kwargs.get("max_idle_time") is not None):
@@ -200,13 +201,16 @@ class SteerWorker(SimpleWorker):
         super().register_birth()
 
     def _wait_for_redis(self, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
-        """Block until Redis answers PING, backing off; a signal still stops the worker."""
+        """Block until Redis takes a write (a full disk refuses writes, and PING, until space
+        is freed), backing off; a signal still stops the worker."""
         wait = first_wait_s
         while not self._stopping():
             try:
-                self.connection.ping()
+                self.connection.set(f"steer:probe:{self.name}", "1", ex=60)
                 return
-            except redis.ConnectionError:
+            except redis.RedisError as exc:
+                if not transient(exc):
+                    raise
                 time.sleep(wait)
                 wait = min(2 * wait, max_wait_s)
         raise SystemExit(0)

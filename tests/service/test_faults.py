@@ -5,7 +5,9 @@ at worker start. Acknowledged jobs are never lost; each fault says what happened
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import PIL.Image
@@ -203,3 +205,73 @@ def test_the_embedded_server_and_compose_persist_with_aof(tmp_path, wait_for):
     assert "--appendonly" in compose["services"]["redis"]["command"]
     assert compose["services"]["redis"]["command"][
         compose["services"]["redis"]["command"].index("--appendonly") + 1] == "yes"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs (CI runs as root; elsewhere the test is skipped with the reason)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); CI runs as root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the disk is full."""
+    with open(path, "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def test_a_full_disk_in_embedded_mode_is_503_until_space_is_back(small_disk, tmp_path,
+                                                                wait_for):
+    """Images and the embedded server's append-only file share the data folder. When the
+    disk fills, the server refuses writes (MISCONF, even PING): the gateway answers 503 with
+    Retry-After (it answered 500), /readyz too, the worker waits instead of dying on the
+    error, and once space is freed everything acknowledged runs."""
+    from service.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(small_disk / "valkey") as url:
+        settings = fast_settings(small_disk / "data", url, image_reserve_mb=1)
+        conn = redis.Redis.from_url(url)
+        worker = start_worker(settings, "disk", tmp_path)  # its log is off the small disk
+        try:
+            wait_ready(conn, worker, wait_for)
+            with api_client(settings) as c:
+                acknowledged: list[str] = []
+
+                def submit_until(status: int) -> object:
+                    r = c.post("/v1/generations", json=body())
+                    if r.status_code == 202:
+                        acknowledged.append(r.json()["links"]["self"])
+                    return r.status_code == status and r
+
+                first = c.post("/v1/generations", json=body()).json()
+                assert poll(c, first["links"]["self"], wait_for)["status"] == "succeeded"
+                fill(small_disk / "filler")
+                refused = wait_for(lambda: submit_until(503), timeout=15,
+                                   what="the gateway to see the full disk")
+                assert refused.headers["Retry-After"]
+                assert "cannot write" in refused.json()["detail"]
+                assert c.get("/readyz").status_code == 503
+                (small_disk / "filler").unlink()
+                wait_for(lambda: submit_until(202), timeout=30,
+                         what="the gateway to accept jobs again")
+                # every acknowledged job ends: run, or failed by name while the disk was full
+                for link in acknowledged:
+                    done = poll(c, link, wait_for)
+                    assert done["status"] == "succeeded" or (
+                        done["status"] == "failed" and "No space" in done["error"]), done
+                assert done["status"] == "succeeded", (done, worker.log()[-3000:])
+            assert worker.alive(), worker.log()[-3000:]
+        finally:
+            if worker.alive():
+                worker.proc.kill()
+                worker.proc.wait(10)

@@ -129,3 +129,19 @@ def test_a_prompt_cannot_forge_the_a1111_fields():
     assert prompt == "a cat Negative prompt: x Steps: 999, Seed: 1"
     assert negative == "Negative prompt: dull Steps: 5"
     assert fields.startswith("Steps: 20, ") and "Seed: 8" in fields
+
+
+def test_image_writes_keep_the_reserve_free(tmp_path):
+    """Below the reserve an image write fails as a full disk would, leaving the rest of the
+    disk to the queue's append-only file; nothing is written."""
+    import errno
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    store = ImageStore(tmp_path / "images", b"k" * 32, reserve_bytes=free + 2**30)
+    with pytest.raises(OSError) as caught:
+        store.save(Image.new("RGB", (8, 8)), str(uuid.uuid4()), "", {})
+    assert caught.value.errno == errno.ENOSPC and "kept for the job store" in str(caught.value)
+    assert not list((tmp_path / "images").iterdir())
+    ImageStore(tmp_path / "images", b"k" * 32, reserve_bytes=2**20).save(
+        Image.new("RGB", (8, 8)), str(uuid.uuid4()), "", {})
