@@ -49,6 +49,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gateway_env(url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a benchmarked gateway on ``url``: auth on, limits out of the way,
+    JSON logs, plus ``extra`` (``STEER_*`` names); this process's environment gets the same
+    settings (it creates the API keys)."""
+    env = dict(os.environ, REDIS_URL=url, STEER_DATA_DIR=str(tmp / "data"),
+               STEER_AUTH_ENABLED="true", STEER_RATE_LIMIT_PER_MINUTE="100000000",
+               STEER_PER_KEY_MAX_QUEUED="100000000", STEER_MAX_QUEUE_DEPTH="100000000",
+               STEER_LOG_JSON="true", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               **extra)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("STEER_", "REDIS"))})
+    return env
+
+
 def start_server(factory: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
     """uvicorn serving ``bench_service_apps:<factory>`` on ``port`` (its logs to ``log``);
     waits until it answers."""
@@ -131,11 +144,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "valkey") as url:
         conn = redis.Redis.from_url(url)
-        env = dict(os.environ, REDIS_URL=url, STEER_DATA_DIR=str(Path(tmp) / "data"),
-                   STEER_AUTH_ENABLED="true", STEER_RATE_LIMIT_PER_MINUTE="100000000",
-                   STEER_PER_KEY_MAX_QUEUED="100000000", STEER_MAX_QUEUE_DEPTH="100000000",
-                   STEER_LOG_JSON="true", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("STEER_", "REDIS"))})
+        env = gateway_env(url, Path(tmp))
         from bench_service_apps import create_bench_key
 
         key = create_bench_key(conn)

@@ -32,7 +32,7 @@ import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_submit import free_port, pct, start_server
+from service_submit import free_port, gateway_env, pct, start_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "waiters.json"
 BODY = {"prompt": "a red circle on a striped background", "steps": 2}
@@ -102,13 +102,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "valkey") as url:
         conn = redis.Redis.from_url(url)
-        env = dict(os.environ, REDIS_URL=url, STEER_DATA_DIR=str(Path(tmp) / "data"),
-                   STEER_AUTH_ENABLED="true", STEER_RATE_LIMIT_PER_MINUTE="100000000",
-                   STEER_PER_KEY_MAX_QUEUED="100000000", STEER_MAX_QUEUE_DEPTH="100000000",
-                   STEER_WAIT_MAX_PER_KEY=str(args.waiters), STEER_LOG_JSON="true",
-                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = gateway_env(url, Path(tmp), STEER_WAIT_MAX_PER_KEY=str(args.waiters))
         port = free_port()
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("STEER_", "REDIS"))})
         server = start_server("ours", port, env, Path(tmp) / "ours.log")
         rounds = []
         try:

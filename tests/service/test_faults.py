@@ -4,10 +4,12 @@ at worker start. Acknowledged jobs are never lost; each fault says what happened
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import PIL.Image
@@ -90,30 +92,43 @@ def test_acknowledged_jobs_survive_a_redis_crash_with_aof(tmp_path, wait_for):
         server.stop()
 
 
-def test_a_worker_rides_out_a_redis_restart_mid_job(tmp_path, wait_for):
+@contextlib.contextmanager
+def worker_on_aof_redis(tmp_path: Path, name: str, wait_for) -> Iterator[tuple]:
+    """A private Redis with AOF and a registered worker on it: (server, settings, conn,
+    worker); both are stopped afterwards."""
     server = PrivateRedis(free_port(), aof_dir=tmp_path / "redis")
     server.aof_dir.mkdir()
     server.start()
     settings = fast_settings(tmp_path / "data", server.url)
     conn = redis.Redis.from_url(server.url)
-    worker = start_worker(settings, "restart", tmp_path)
+    worker = start_worker(settings, name, tmp_path)
     try:
         wait_ready(conn, worker, wait_for)
-        job_id = submit(conn, settings, steps=LONG // 5)
-        wait_status(conn, settings, job_id, wait_for, {"running"})
-        server.stop()  # a restart: SIGTERM, AOF flushed
-        server.start()
-        done = wait_status(conn, settings, job_id, wait_for,
-                           {"succeeded", "failed", "canceled"}, timeout=120)
-        assert done.status == "succeeded", (done.error, worker.log()[-3000:])
-        follow_up = submit(conn, settings, steps=2)
-        assert wait_status(conn, settings, follow_up, wait_for,
-                           {"succeeded", "failed"}).status == "succeeded"
+        yield server, settings, conn, worker
     finally:
         if worker.alive():
             worker.proc.kill()
             worker.proc.wait(10)
         server.stop()
+
+
+def finish_and_go_on(conn, settings, job_id, worker, wait_for) -> None:
+    """The job succeeds after the fault, and the worker takes the next one."""
+    done = wait_status(conn, settings, job_id, wait_for,
+                       {"succeeded", "failed", "canceled"}, timeout=120, worker=worker)
+    assert done.status == "succeeded", (done.error, worker.log()[-3000:])
+    follow_up = submit(conn, settings, steps=2)
+    assert wait_status(conn, settings, follow_up, wait_for, {"succeeded", "failed"},
+                       worker=worker).status == "succeeded"
+
+
+def test_a_worker_rides_out_a_redis_restart_mid_job(tmp_path, wait_for):
+    with worker_on_aof_redis(tmp_path, "restart", wait_for) as (server, settings, conn, worker):
+        job_id = submit(conn, settings, steps=LONG // 5)
+        wait_status(conn, settings, job_id, wait_for, {"running"})
+        server.stop()  # a restart: SIGTERM, AOF flushed
+        server.start()
+        finish_and_go_on(conn, settings, job_id, worker, wait_for)
 
 
 def test_a_worker_survives_a_redis_outage_that_outlasts_its_job(tmp_path, wait_for):
@@ -121,32 +136,14 @@ def test_a_worker_survives_a_redis_outage_that_outlasts_its_job(tmp_path, wait_f
     the worker's death, so the AOF brings back the worker's RQ record as alive. The worker
     must take over its own record (RQ refuses a second birth under the same name) and run
     the job again."""
-    server = PrivateRedis(free_port(), aof_dir=tmp_path / "redis")
-    server.aof_dir.mkdir()
-    server.start()
-    settings = fast_settings(tmp_path / "data", server.url)
-    conn = redis.Redis.from_url(server.url)
-    worker = start_worker(settings, "outage", tmp_path)
-    try:
-        wait_ready(conn, worker, wait_for)
+    with worker_on_aof_redis(tmp_path, "outage", wait_for) as (server, settings, conn, worker):
         job_id = submit(conn, settings, steps=LONG // 10)
         wait_status(conn, settings, job_id, wait_for, {"running"})
         server.stop()
         wait_for(lambda: "quitting" in worker.log(), timeout=60,
                  what="RQ's loop to quit while Redis is down")
         server.start()
-        done = wait_status(conn, settings, job_id, wait_for,
-                           {"succeeded", "failed", "canceled"}, timeout=120, worker=worker)
-        assert done.status == "succeeded", (done.error, worker.log()[-3000:])
-        follow_up = submit(conn, settings, steps=2)
-        assert wait_status(conn, settings, follow_up, wait_for,
-                           {"succeeded", "failed"}).status == "succeeded"
-        assert worker.alive()
-    finally:
-        if worker.alive():
-            worker.proc.kill()
-            worker.proc.wait(10)
-        server.stop()
+        finish_and_go_on(conn, settings, job_id, worker, wait_for)
 
 
 def test_a_full_disk_fails_the_job_with_the_reason_and_the_worker_keeps_serving(
