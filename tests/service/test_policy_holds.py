@@ -10,9 +10,10 @@ refused (steering/swap_chains.py), so 104 pairs generate.
 The target is that the judge (the attribute classifier) finds P in at most 1 % of the
 images. Measured on the format-5 toy bundle: 16 of 880 (1.8 %) with the first detectors and
 17 of 880 (1.9 %) with the refitted ones (4,096 runs, step-weight floor 0.3), and 17 of 832
-(2.0 %) once the cycle pairs are refused — no colour
-comes back any more (yellow's swap to red under "red always removed" was the bypass); 16 of
-the 17 are shapes. Shape swaps sometimes draw an in-between blob (a triangle swapped towards
+(2.0 %) once the cycle pairs are refused — yellow's swap to red under "red always removed"
+(the bypass) no longer comes back; 16 of the 17 are shapes. With the detectors rescaled per
+step: 17 of 832 again, 15 shapes, one green and one plain background (triangle's edit).
+Shape swaps sometimes draw an in-between blob (a triangle swapped towards
 a circle comes out as a rounded square the judge calls "square", or an outline it calls
 "cross"); the detectors, reading the edited activations, see the swap's target there (the
 square score falls from ≈ 0.45 to ≈ 0.30 after the edit), so the final suppression is not
