@@ -60,19 +60,35 @@ async def others(client: httpx.AsyncClient, token: str, requests: int,
     return latencies
 
 
+async def parked_all(client: httpx.AsyncClient, waiters: int, timeout: float) -> None:
+    """Until the gateway's /metrics counts every waiter parked (admitting 1,500 submissions
+    takes a while on 2 cores; measuring before would measure the admissions)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (await client.get("/metrics")).text
+        line = next((x for x in text.splitlines() if x.startswith("steer_waiting_requests ")),
+                    "steer_waiting_requests 0")
+        if float(line.split()[1]) >= waiters:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"the waiters were not all parked after {timeout} s ({line})")
+
+
 async def round_(base: str, waiter_token: str, other_token: str, args: argparse.Namespace,
                  key: str) -> dict[str, list[float]]:
-    limits = httpx.Limits(max_connections=args.waiters + 2 * args.concurrency,
-                          max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+    # two clients: httpx's pool scans its connections per request, so the waiters' 1,500
+    # open connections must not sit in the pool the measured requests use
+    parked_limits = httpx.Limits(max_connections=args.waiters + 1, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=parked_limits) as waiters, \
+            httpx.AsyncClient(base_url=base, timeout=120) as client:
         idle = await others(client, other_token, args.requests, args.concurrency)
         headers = {"Authorization": f"Bearer {waiter_token}", "Idempotency-Key": key}
         first = await client.post("/v1/generations", json=BODY, headers=headers)
         job = first.json()["id"]
-        parked = [asyncio.create_task(client.post(
+        parked = [asyncio.create_task(waiters.post(
             "/v1/generations", json=BODY, headers={**headers, "Prefer": "wait=60"}))
             for _ in range(args.waiters)]
-        await asyncio.sleep(args.settle)
+        await parked_all(client, args.waiters, args.settle)
         if any(p.done() for p in parked):
             raise RuntimeError("a waiter returned before the job ended: "
                                f"{next(p for p in parked if p.done()).result().text[:200]}")
@@ -92,8 +108,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="other-key requests per side")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--settle", type=float, default=5.0,
-                    help="seconds for the waiters to park before measuring")
+    ap.add_argument("--settle", type=float, default=120.0,
+                    help="longest wait for every waiter to park before measuring")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 

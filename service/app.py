@@ -105,7 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     app.state.metrics = GatewayMetrics(
         lambda: app.state.runtime.queue if app.state.runtime is not None else None,
-        settings.worker_heartbeat_s)
+        settings.worker_heartbeat_s,
+        lambda: app.state.runtime.waiter.waiting() if app.state.runtime is not None else 0)
     install_error_handlers(app)
     for module in (generations, batches, images, concepts, policy, health, web):
         app.include_router(module.router)

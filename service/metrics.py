@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from rq import Queue
@@ -101,8 +101,12 @@ class RedisCollector:
 class GatewayMetrics:
     """The app's registry: request metrics plus the Redis collector."""
 
-    def __init__(self, queue_source: QueueSource, heartbeat_s: float | None = None) -> None:
+    def __init__(self, queue_source: QueueSource, heartbeat_s: float | None = None,
+                 waiting_source: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
+        if waiting_source is not None:
+            Gauge("steer_waiting_requests", "`Prefer: wait` requests parked in this process",
+                  registry=self.registry).set_function(waiting_source)
         self.requests = Counter("steer_http_requests", "HTTP requests answered",
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("steer_http_request_duration_seconds",

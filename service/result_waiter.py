@@ -8,7 +8,7 @@ gateway process does the blocking for all of them, on a connection of its own:
 - each waiting request registers its job and awaits an :class:`asyncio.Event`;
 - the listener blocks in one ``XREAD`` over the result streams of every watched job (RQ
   writes a job's result there when it ends) and wakes the waiters of the streams that moved;
-- every ``status_every_s`` it also reads the RQ status of every watched job in one pipeline
+- every ``status_every_s`` it also reads the RQ status of every watched job in pipelines
   (a job canceled while queued, or deleted, writes no result) and wakes the ended ones;
 - a waiter that is woken, or whose time is up, re-reads its job once.
 
@@ -32,7 +32,8 @@ from rq.results import Result
 log = logging.getLogger(__name__)
 
 ENDED = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
-MAX_STREAMS = 1000  # one XREAD watches at most this many streams (more: several calls)
+MAX_STREAMS = 1000  # one XREAD watches at most this many streams (the rest: status checks)
+STATUS_CHUNK = 250  # statuses read per pipeline
 
 
 def later(a: str, b: str) -> str:
@@ -48,8 +49,8 @@ def later(a: str, b: str) -> str:
 class ResultWaiter:
     """One listener per process for the ends of the jobs that requests wait on."""
 
-    def __init__(self, conn: redis.asyncio.Redis, per_key: int, block_s: float = 0.25,
-                 status_every_s: float = 2.0) -> None:
+    def __init__(self, conn: redis.asyncio.Redis, per_key: int, block_s: float = 0.5,
+                 status_every_s: float = 5.0) -> None:
         self.conn = conn  # a client of its own: the listener never takes a pooled connection
         self.per_key = per_key
         self.block_s, self.status_every_s = block_s, status_every_s
@@ -148,12 +149,12 @@ class ResultWaiter:
 
     async def _check_statuses(self) -> None:
         jobs = list(self._events)
-        if not jobs:
-            return
-        async with self.conn.pipeline(transaction=False) as pipe:
-            for job_id in jobs:
-                pipe.hget(Job.key_for(job_id), "status")
-            statuses = await pipe.execute()
-        for job_id, status in zip(jobs, statuses, strict=True):
-            if status is None or status in ENDED:
-                self._wake(job_id)
+        for start in range(0, len(jobs), STATUS_CHUNK):  # the loop serves requests between
+            chunk = jobs[start:start + STATUS_CHUNK]
+            async with self.conn.pipeline(transaction=False) as pipe:
+                for job_id in chunk:
+                    pipe.hget(Job.key_for(job_id), "status")
+                statuses = await pipe.execute()
+            for job_id, status in zip(chunk, statuses, strict=True):
+                if status is None or status in ENDED:
+                    self._wake(job_id)
