@@ -132,6 +132,7 @@ def enqueue_generation(queue: Queue, payload: dict[str, Any], *, job_id: str,
     if owner is not None:
         conn = pipeline if pipeline is not None else queue.connection
         conn.sadd(active_key(owner), job_id)
+        conn.delete(f"{RESERVED_PREFIX}{job_id}")  # admission's marker: the job exists now
     return job
 
 
@@ -186,8 +187,10 @@ def active_count(conn: redis.Redis, queue: Queue, owner: str) -> int:
     ids = [i.decode() if isinstance(i, bytes) else i for i in conn.smembers(active_key(owner))]
     if not ids:
         return 0
-    jobs = Job.fetch_many(ids, connection=conn)
+    # markers first: the enqueue deletes a marker in the same transaction that writes the job,
+    # so a marker gone by now means the job is readable below
     reserved = conn.mget([f"{RESERVED_PREFIX}{i}" for i in ids])
+    jobs = Job.fetch_many(ids, connection=conn)
     live, stale = 0, []
     for job_id, job, held in zip(ids, jobs, reserved, strict=True):
         status = job.get_status(refresh=False) if job is not None else None

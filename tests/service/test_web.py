@@ -69,6 +69,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("web")
     (folder / "policy.toml").write_text(POLICY)
     settings = fast_settings(folder / "data", TEST_REDIS_URL, max_steps=MAX_STEPS,
+                             max_job_cost=MAX_STEPS * 32 * 32 * 8,  # long jobs allowed here
                              policy_file=folder / "policy.toml")
     worker = start_worker(settings, "web", folder)
     try:
