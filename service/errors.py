@@ -25,7 +25,6 @@ from service.schemas import ErrorDetail
 log = logging.getLogger("service.errors")
 
 REDIS_RETRY_AFTER_S = 5
-REDIS_ERRORS = UNREACHABLE
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                      "schema": {"type": "integer"}}}
 ERROR_DESCRIPTIONS = {
@@ -158,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for exc_type in REDIS_ERRORS:
+    for exc_type in UNREACHABLE:
         app.add_exception_handler(exc_type, _redis_down)
     app.add_exception_handler(redis.exceptions.ResponseError, _redis_refused)
     app.add_exception_handler(Exception, _unexpected)

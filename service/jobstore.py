@@ -44,6 +44,11 @@ def cancel_channel(job_id: str) -> str:
 RESERVED_PREFIX = f"{PREFIX}reserved:"  # + job id: a per-key slot taken by admission
 
 
+def reserved_key(job_id: str) -> str:
+    """Marker of a per-key slot admission reserved for ``job_id`` before its enqueue."""
+    return f"{RESERVED_PREFIX}{job_id}"
+
+
 def active_key(owner: str) -> str:
     """SET of an API key's queued + running job ids (the per-key cap)."""
     return f"{PREFIX}active:{owner}"
@@ -132,7 +137,7 @@ def enqueue_generation(queue: Queue, payload: dict[str, Any], *, job_id: str,
     if owner is not None:
         conn = pipeline if pipeline is not None else queue.connection
         conn.sadd(active_key(owner), job_id)
-        conn.delete(f"{RESERVED_PREFIX}{job_id}")  # admission's marker: the job exists now
+        conn.delete(reserved_key(job_id))  # admission's marker: the job exists now
     return job
 
 
@@ -189,7 +194,7 @@ def active_count(conn: redis.Redis, queue: Queue, owner: str) -> int:
         return 0
     # markers first: the enqueue deletes a marker in the same transaction that writes the job,
     # so a marker gone by now means the job is readable below
-    reserved = conn.mget([f"{RESERVED_PREFIX}{i}" for i in ids])
+    reserved = conn.mget([reserved_key(i) for i in ids])
     jobs = Job.fetch_many(ids, connection=conn)
     live, stale = 0, []
     for job_id, job, held in zip(ids, jobs, reserved, strict=True):

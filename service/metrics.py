@@ -26,7 +26,7 @@ from rq.registry import (
 )
 
 from service import metrics_store
-from service.errors import REDIS_ERRORS
+from service.redis_errors import UNREACHABLE
 from service.worker_registry import fresh_within, live_workers
 
 log = logging.getLogger("service.metrics")
@@ -62,7 +62,7 @@ class RedisCollector:
             return
         try:
             families = list(self._families(queue, self.worker_fresh_s))
-        except REDIS_ERRORS as exc:
+        except UNREACHABLE as exc:
             log.warning("metrics: redis unreachable: %s", exc)
             up.add_metric([], 0)
             yield up

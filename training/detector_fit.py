@@ -265,7 +265,7 @@ def fit_detectors(codes: Tensor, labels: Sequence[set[str]], concepts: Sequence[
         b = b + y_mean
         # each step's score in units of the fit split's negatives at that step (mean 0, sd 1):
         # early steps, where negatives' scores spread widely, then cannot set the maximum
-        # over steps that τ is calibrated on (see standardise_scores)
+        # over steps that τ is calibrated on (negative_spread)
         shift, scale = negative_spread(x @ w + b, negative)
         weight[:, t] = (w / scale).T
         bias[:, t] = (b - shift) / scale
